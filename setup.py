@@ -1,0 +1,26 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="xbm",
+    version="0.1.0",
+    description="Deep metric learning with a cross-batch memory: XBM, XBN and AXBN",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["xbm", "xbm.*"]),
+    install_requires=[line.strip() for line in open("requirements.txt") if line.strip() and not line.startswith("#")],
+    extras_require={
+        # faiss with GPU indexes instead of faiss-cpu (install one of the two)
+        "gpu": ["faiss-gpu>=1.7.4"],
+        "dev": ["pytest>=7"],
+        # peers measured side by side in benchmarks/
+        "bench": ["pytorch-metric-learning>=2.3"],
+    },
+    entry_points={
+        "console_scripts": [
+            "xbm-train=xbm.cli:train_main",
+            "xbm-eval=xbm.cli:eval_main",
+        ]
+    },
+)

@@ -1,0 +1,36 @@
+"""Checks of a merged config that must fail before any data is read or any step is taken."""
+from yacs.config import CfgNode
+
+
+def check_cfg(cfg: CfgNode) -> None:
+    """Raise ValueError with one sentence naming the key and what to do."""
+    batch, per_class = cfg.DATA.BATCH_SIZE, cfg.DATA.NUM_INSTANCES
+    if per_class < 1:
+        raise ValueError(f"DATA.NUM_INSTANCES must be at least 1, got {per_class}")
+    if batch < per_class or batch % per_class:
+        raise ValueError(
+            f"DATA.BATCH_SIZE ({batch}) must be a multiple of DATA.NUM_INSTANCES ({per_class}): "
+            f"a batch holds BATCH_SIZE / NUM_INSTANCES classes, e.g. set DATA.BATCH_SIZE {max(1, batch // per_class) * per_class}"
+        )
+    if cfg.XBM.ENABLE and cfg.XBM.SIZE < batch:
+        raise ValueError(
+            f"XBM.SIZE ({cfg.XBM.SIZE}) is smaller than DATA.BATCH_SIZE ({batch}): the memory must hold "
+            "at least one batch; raise XBM.SIZE or set XBM.ENABLE False"
+        )
+    if cfg.XBM.ENABLE and cfg.XBM.WEIGHT < 0:
+        raise ValueError(f"XBM.WEIGHT must be >= 0, got {cfg.XBM.WEIGHT}")
+    if cfg.LOSS.INBATCH_WEIGHT < 0:
+        raise ValueError(f"LOSS.INBATCH_WEIGHT must be >= 0, got {cfg.LOSS.INBATCH_WEIGHT}")
+    if cfg.LOSS.INBATCH_WEIGHT == 0 and not (cfg.XBM.ENABLE and cfg.XBM.WEIGHT > 0):
+        raise ValueError("LOSS.INBATCH_WEIGHT is 0 and no memory loss is on: nothing would be trained")
+    if cfg.SOLVER.MAX_ITERS < 1:
+        raise ValueError(f"SOLVER.MAX_ITERS must be at least 1, got {cfg.SOLVER.MAX_ITERS}")
+    if cfg.SOLVER.BASE_LR <= 0:
+        raise ValueError(f"SOLVER.BASE_LR must be positive, got {cfg.SOLVER.BASE_LR}")
+    for key in ("CHECKPOINT_PERIOD", "LOG_PERIOD", "WARMUP_ITERS"):
+        if getattr(cfg.SOLVER, key) < 0:
+            raise ValueError(f"SOLVER.{key} must be >= 0, got {getattr(cfg.SOLVER, key)}")
+    if cfg.TEST.EVAL_PERIOD < 0:
+        raise ValueError(f"TEST.EVAL_PERIOD must be >= 0, got {cfg.TEST.EVAL_PERIOD}")
+    if any(k < 1 for k in cfg.TEST.RECALL_KS):
+        raise ValueError(f"TEST.RECALL_KS must hold positive integers, got {tuple(cfg.TEST.RECALL_KS)}")

@@ -1,0 +1,183 @@
+"""The yacs defaults: every key of an experiment, each with what it means.
+
+A YAML file in configs/ and `KEY VALUE` pairs on the command line override
+these; a key that is not defined here is an error (yacs refuses it), so a
+typo never silently falls back to a default.
+"""
+from yacs.config import CfgNode as CN
+
+_C = CN()
+
+# Folder of one run: config.yaml, metrics.jsonl, log.txt, checkpoints/, tensorboard events.
+_C.OUTPUT_DIR = "output/run"
+
+# ---------------------------------------------------------------------------
+_C.MODEL = CN()
+# auto (cuda if available, else cpu) | cpu | cuda | cuda:N
+_C.MODEL.DEVICE = "auto"
+
+_C.MODEL.BACKBONE = CN()
+# convnet (small CPU net for 32 px Glyphs) | resnet18 | resnet50 | bninception
+_C.MODEL.BACKBONE.NAME = "convnet"
+# "" = random init; "imagenet" = the standard ImageNet weights (torch hub cache, downloaded only
+# when this is set); or a path to a .pth state dict
+_C.MODEL.BACKBONE.PRETRAINED = ""
+# Global pooling of the last feature map: avg | max | avgmax (sum of both)
+_C.MODEL.BACKBONE.POOLING = "avg"
+# Stride of the last ResNet stage: 2 (torchvision) or 1 (a larger final feature map)
+_C.MODEL.BACKBONE.LAST_STRIDE = 2
+# Freeze BatchNorm statistics and affine parameters of the backbone (eval mode during training)
+_C.MODEL.BACKBONE.FROZEN_BN = False
+# Channel widths of the convnet's stages (two conv-BN-ReLU each, 2x downsampling between stages)
+_C.MODEL.BACKBONE.CONVNET_WIDTHS = (32, 64, 128, 256)
+
+_C.MODEL.HEAD = CN()
+# Embedding width: a linear layer on the pooled features, then L2 normalisation
+_C.MODEL.HEAD.DIM = 128
+
+# ---------------------------------------------------------------------------
+_C.DATA = CN()
+# glyphs | sop | inshop | deepfashion2 | cub200 | cars196 | vehicleid | list
+_C.DATA.NAME = "glyphs"
+# Folder holding the dataset as downloaded (Glyphs: generated here on first use)
+_C.DATA.ROOT = "datasets/glyphs"
+# Images per training batch on one process (= classes per batch x DATA.NUM_INSTANCES)
+_C.DATA.BATCH_SIZE = 16
+# Images per class in a training batch (the m of the m-per-class sampler)
+_C.DATA.NUM_INSTANCES = 4
+# DataLoader worker processes (0 = load in the main process)
+_C.DATA.NUM_WORKERS = 0
+
+_C.DATA.GLYPHS = CN()
+# A code point becomes a class when at least this many fonts draw it
+_C.DATA.GLYPHS.MIN_FONTS = 8
+# Side of the rendered square glyph images, in pixels
+_C.DATA.GLYPHS.IMAGE_SIZE = 32
+
+# ---------------------------------------------------------------------------
+_C.INPUT = CN()
+# Side of the square network input (training crop and test centre crop); Glyphs: the image size
+_C.INPUT.IMAGE_SIZE = 32
+# Shorter side after the first resize (natural images only; test: resize then centre crop)
+_C.INPUT.RESIZE = 256
+# Area range of RandomResizedCrop at training time (natural images only)
+_C.INPUT.CROP_SCALE = (0.16, 1.0)
+# Random horizontal flips at training time (natural images only; never for Glyphs)
+_C.INPUT.HFLIP = True
+
+# ---------------------------------------------------------------------------
+_C.XBM = CN()
+# Use the cross-batch memory (False = in-batch loss only, the baseline)
+_C.XBM.ENABLE = False
+# Number of embeddings the memory holds (SOP in the paper: 55,000); must be >= the batch size
+_C.XBM.SIZE = 4096
+# Iteration from which the memory loss is added (the memory is filled from the start)
+_C.XBM.START_ITERATION = 100
+# Weight of the loss against the memory (total = LOSS.INBATCH_WEIGHT x in-batch + this x memory)
+_C.XBM.WEIGHT = 1.0
+# Storage type of the memory: float32 | float16 | bfloat16 (half the bytes, slightly rounded)
+_C.XBM.DTYPE = "float32"
+
+_C.XBM.ADAPT = CN()
+# Memory adaptation before each step: none (XBM) | xbn (moment matching) | axbn (Kalman) | ema
+_C.XBM.ADAPT.NAME = "none"
+# Added to the memory's std before dividing (moment matching)
+_C.XBM.ADAPT.EPS = 1e-5
+# Re-normalise adapted memory entries to unit length (the paper does not)
+_C.XBM.ADAPT.RENORMALIZE = False
+# AXBN: process noise q of the random-walk Kalman filter
+_C.XBM.ADAPT.KALMAN_Q = 1.0
+# AXBN: initial state covariance p0
+_C.XBM.ADAPT.KALMAN_P0 = 1.0
+# AXBN: measurement noise r (divided by the batch size)
+_C.XBM.ADAPT.KALMAN_R = 0.01
+# AXBN: the Kalman gain and covariance are updated every this many steps (paper: 100 SOP, 10 DF2)
+_C.XBM.ADAPT.KALMAN_INTERVAL = 1
+# EMA adaptation: momentum of the running moments (0 = XBN)
+_C.XBM.ADAPT.EMA_MOMENTUM = 0.1
+
+# ---------------------------------------------------------------------------
+_C.LOSS = CN()
+# contrastive | multi_similarity | triplet | supcon
+_C.LOSS.NAME = "contrastive"
+# Weight of the in-batch loss (XBN's memory-only loss: 0)
+_C.LOSS.INBATCH_WEIGHT = 1.0
+
+_C.LOSS.CONTRASTIVE = CN()
+# Negatives with cosine similarity above this margin are penalised
+_C.LOSS.CONTRASTIVE.MARGIN = 0.5
+# batch (official: summed pair losses / batch size) | pairs (mean over active pairs)
+_C.LOSS.CONTRASTIVE.REDUCTION = "batch"
+
+_C.LOSS.MS = CN()
+# Multi-Similarity: positive scale alpha
+_C.LOSS.MS.ALPHA = 2.0
+# Multi-Similarity: negative scale beta
+_C.LOSS.MS.BETA = 40.0
+# Multi-Similarity: similarity threshold lambda
+_C.LOSS.MS.BASE = 0.5
+# Multi-Similarity: hard-mining margin epsilon
+_C.LOSS.MS.MARGIN = 0.1
+# Multi-Similarity: mine hard pairs before weighting
+_C.LOSS.MS.HARD_MINING = True
+
+_C.LOSS.TRIPLET = CN()
+# Triplet: margin on cosine similarity
+_C.LOSS.TRIPLET.MARGIN = 0.1
+# Triplet: which triplets: all | semihard | hard
+_C.LOSS.TRIPLET.MINING = "semihard"
+
+_C.LOSS.SUPCON = CN()
+# Supervised contrastive: temperature
+_C.LOSS.SUPCON.TEMPERATURE = 0.1
+# Pair-margin miner: positives farther than this (normalised Euclidean distance) are kept
+_C.LOSS.SUPCON.POS_MARGIN = 0.2
+# Pair-margin miner: negatives closer than this are kept
+_C.LOSS.SUPCON.NEG_MARGIN = 0.8
+# Use the pair-margin miner (False = all pairs)
+_C.LOSS.SUPCON.MINING = True
+
+# ---------------------------------------------------------------------------
+_C.SOLVER = CN()
+# adam | adamw | sgd
+_C.SOLVER.OPTIMIZER = "adam"
+# Learning rate after warm-up (the most sensitive hyper-parameter: scan it on a log grid)
+_C.SOLVER.BASE_LR = 3e-4
+# Weight decay (L2 for adam/sgd, decoupled for adamw)
+_C.SOLVER.WEIGHT_DECAY = 0.0
+# SGD momentum
+_C.SOLVER.MOMENTUM = 0.9
+# Number of training iterations
+_C.SOLVER.MAX_ITERS = 2000
+# none | step (x GAMMA at each of STEPS) | cosine (to 0 at MAX_ITERS)
+_C.SOLVER.SCHEDULER = "none"
+# Iterations at which the step scheduler multiplies the learning rate by GAMMA
+_C.SOLVER.STEPS = ()
+# Factor of the step scheduler
+_C.SOLVER.GAMMA = 0.1
+# Linear learning-rate warm-up from 0 over this many iterations
+_C.SOLVER.WARMUP_ITERS = 0
+# Clip the gradient norm to this value (0 = no clipping)
+_C.SOLVER.GRAD_CLIP = 0.0
+# Save checkpoints/last.pth every this many iterations (and at the end)
+_C.SOLVER.CHECKPOINT_PERIOD = 1000
+# Seed of python, numpy, torch and the sampler
+_C.SOLVER.SEED = 0
+# Log the losses every this many iterations
+_C.SOLVER.LOG_PERIOD = 50
+
+# ---------------------------------------------------------------------------
+_C.TEST = CN()
+# Evaluate every this many iterations (and at the end); 0 = only at the end
+_C.TEST.EVAL_PERIOD = 500
+# Images per forward pass when computing test embeddings
+_C.TEST.BATCH_SIZE = 256
+# Recall@K list; empty = the dataset's own list (SOP 1/10/100/1000, In-Shop 1/10/20/..., ...)
+_C.TEST.RECALL_KS = ()
+# k-NN search: auto (faiss if importable) | faiss | torch
+_C.TEST.KNN_BACKEND = "auto"
+
+
+def get_cfg() -> CN:
+    """A fresh, mutable copy of the defaults."""
+    return _C.clone()

@@ -1,0 +1,1 @@
+"""Datasets, the m-per-class sampler, transforms and the Glyphs generator."""

@@ -1,0 +1,1 @@
+"""Logging, seeding and device helpers."""

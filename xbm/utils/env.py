@@ -1,0 +1,24 @@
+"""Seeding and device selection."""
+import random
+
+import numpy as np
+import torch
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def resolve_device(name: str) -> torch.device:
+    """MODEL.DEVICE: auto | cpu | cuda | cuda:N."""
+    name = name.strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"MODEL.DEVICE is {name!r} but CUDA is not available here; use auto or cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"MODEL.DEVICE {name!r} is not a device; use auto, cpu, cuda or cuda:N") from err
