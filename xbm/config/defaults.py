@@ -47,6 +47,8 @@ _C.DATA.BATCH_SIZE = 16
 _C.DATA.NUM_INSTANCES = 4
 # DataLoader worker processes (0 = load in the main process)
 _C.DATA.NUM_WORKERS = 0
+# An image that cannot be decoded: error (stop, naming it) | skip (use another image of its class, counted in the log)
+_C.DATA.BAD_IMAGES = "error"
 
 _C.DATA.GLYPHS = CN()
 # A code point becomes a class when at least this many fonts draw it

@@ -59,4 +59,4 @@ def build_dataset(cfg, split: str, transform=None):
             min_fonts=cfg.DATA.GLYPHS.MIN_FONTS,
             image_size=cfg.DATA.GLYPHS.IMAGE_SIZE,
         )
-    return cls(cfg.DATA.ROOT, split, transform=transform)
+    return cls(cfg.DATA.ROOT, split, transform=transform, bad_images=cfg.DATA.BAD_IMAGES)

@@ -1,0 +1,273 @@
+"""The shared machinery of every image dataset read from disk as downloaded.
+
+A dataset class only says how to read its own list files into `Record`s; the base
+class `ImageListDataset` does the rest the same way for all of them:
+
+* checks that the root folder and each list file exist, with an error that names
+  the missing file and the dataset's download page;
+* refuses list paths that would leave the root (absolute paths, `..`);
+* turns the raw class keys (ints or strings) into contiguous int64 labels
+  0..C-1 (sorted by key, so the mapping is the same on every run). Query and
+  gallery splits of one evaluation task share one mapping, built over both,
+  because the evaluation compares labels across them;
+* loads images with PIL as RGB, optionally cropped to a box.
+
+Undecodable images (policy `bad_images`):
+  "error" (default) - `ds[i]` raises an OSError naming the file.
+  "skip"  - `ds[i]` substitutes the next decodable image of the same class
+            (cyclically, in list order), counts the bad file and logs a warning
+            the first time each bad file is met. Decoding all images up front
+            would take minutes on 100k+ images, so bad files are found lazily.
+            With DataLoader workers the count is per worker process.
+  If every image of the class is undecodable, `ds[i]` raises in both modes.
+
+Images are checked for existence only at the two ends of each split (a wrong
+folder layout fails at construction; a single missing file fails at `ds[i]`).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Callable, Hashable, Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+logger = logging.getLogger(__name__)
+
+BAD_IMAGE_POLICIES = ("error", "skip")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One item of a split: image path relative to the image folder, raw class key, optional crop box."""
+
+    path: str
+    key: Hashable
+    box: tuple[int, int, int, int] | None = None
+
+
+class DatasetFormatError(ValueError):
+    """A list file that does not follow its documented format (names the file and line)."""
+
+
+def read_lines(list_file: Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, stripped line) for every non-blank line of a text file."""
+    with open(list_file, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            stripped = line.strip()
+            if stripped:
+                yield number, stripped
+
+
+def parse_int(token: str, list_file: Path, line_no: int, what: str) -> int:
+    """int(token), or a DatasetFormatError naming the file, the line and the field."""
+    try:
+        return int(token)
+    except ValueError:
+        raise DatasetFormatError(f"{list_file}, line {line_no}: {what} {token!r} is not an integer") from None
+
+
+def split_fields(line: str, count: int, list_file: Path, line_no: int, layout: str) -> list[str]:
+    """Whitespace-separated fields of a line that must have exactly `count` of them."""
+    fields = line.split()
+    if len(fields) != count:
+        raise DatasetFormatError(
+            f"{list_file}, line {line_no}: expected {count} fields ({layout}), found {len(fields)}: {line!r}"
+        )
+    return fields
+
+
+def check_relative_path(path: str, list_file: Path | str, line_no: int | None) -> str:
+    """The path in POSIX form, refusing absolute paths and `..` (they would read outside the dataset)."""
+    where = f"{list_file}, line {line_no}" if line_no is not None else str(list_file)
+    posix = PurePosixPath(path.replace("\\", "/"))
+    if not path or posix.is_absolute() or Path(path).is_absolute() or ".." in posix.parts:
+        raise DatasetFormatError(
+            f"{where}: image path {path!r} must be relative to the dataset folder and must not contain '..'"
+        )
+    return str(posix)
+
+
+def load_rgb(path: str | os.PathLike, box: Sequence[int] | None = None) -> Image.Image:
+    """Decode an image file as RGB (and crop it to `box` = x1, y1, x2, y2, clamped to the image)."""
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")  # forces the full decode inside the try
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise OSError(f"cannot decode image {path}: {err}") from err
+    if box is None:
+        return image
+    x1, y1 = max(0, int(box[0])), max(0, int(box[1]))
+    x2, y2 = min(image.width, int(box[2])), min(image.height, int(box[3]))
+    if x2 <= x1 or y2 <= y1:
+        raise OSError(f"crop box {tuple(box)} is empty inside image {path} of size {image.width}x{image.height}")
+    return image.crop((x1, y1, x2, y2))
+
+
+def contiguous_labels(keys: Sequence[Hashable], universe: Sequence[Hashable]) -> np.ndarray:
+    """Map each key to its rank among the sorted distinct keys of `universe` (int64)."""
+    ordered = sorted(set(universe), key=lambda k: (str(type(k)), k))
+    index = {key: i for i, key in enumerate(ordered)}
+    return np.fromiter((index[k] for k in keys), dtype=np.int64, count=len(keys))
+
+
+class ImageListDataset(Dataset, ABC):
+    """Base class: a list of (image, class) records of one split, read from a dataset folder.
+
+    Subclasses set the class attributes and implement `_read_records(split)`, which
+    returns the split's `Record`s (paths relative to `image_root`). Items are
+    `(image, label)` with `image` a PIL RGB image, or `transform(image)`.
+    """
+
+    NAME = "dataset"
+    SPLITS: tuple[str, ...] = ("train", "test")
+    TRAIN_SPLIT = "train"
+    EVAL_TASKS: dict[str, tuple[str, str | None]] = {"test": ("test", None)}
+    RECALL_KS: tuple[int, ...] = (1, 2, 4, 8)
+    DOWNLOAD_URL = ""
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str,
+        transform: Callable | None = None,
+        bad_images: str = "error",
+    ):
+        self._check_split(split)
+        if bad_images not in BAD_IMAGE_POLICIES:
+            raise ValueError(f"bad_images must be one of {BAD_IMAGE_POLICIES}, got {bad_images!r}")
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise FileNotFoundError(
+                f"{self.NAME} folder {self.root} does not exist; point DATA.ROOT at the unpacked dataset "
+                f"folder ({self.source_hint()})"
+            )
+        self.split = split
+        self.transform = transform
+        self.bad_images = bad_images
+        self.image_root = self.root
+        records = self._read_records(split)
+        if not records:
+            raise ValueError(f"{self.NAME}: split {split!r} under {self.root} has no images")
+        universe = [
+            r.key for other in self._label_sharing_splits(split)
+            for r in (records if other == split else self._read_records(other))
+        ]
+        self.labels = contiguous_labels([r.key for r in records], universe)
+        self.paths = np.array([r.path for r in records])
+        boxes = [r.box for r in records]
+        self.boxes = None if all(b is None for b in boxes) else np.array(boxes, dtype=np.int64)
+        self.bad_image_count = 0
+        self._bad_paths: set[str] = set()
+        self._class_members: dict[int, np.ndarray] | None = None
+        self._check_image_layout()
+
+    # -- what subclasses provide ------------------------------------------------------------
+    @abstractmethod
+    def _read_records(self, split: str) -> list[Record]:
+        """The records of `split`, paths relative to `self.image_root` (which it may set)."""
+
+    # -- shared behaviour ----------------------------------------------------------------------
+    def _check_split(self, split: str) -> None:
+        if split not in self.SPLITS:
+            raise ValueError(f"{self.NAME}: split {split!r} is not one of {self.SPLITS}")
+
+    def _label_sharing_splits(self, split: str) -> tuple[str, ...]:
+        """The splits whose labels must agree with this one's: query and gallery of one task."""
+        for query, gallery in self.EVAL_TASKS.values():
+            if gallery is not None and split in (query, gallery):
+                return (query, gallery)
+        return (split,)
+
+    def source_hint(self) -> str:
+        """Where the data comes from, for error messages."""
+        return f"download: {self.DOWNLOAD_URL}"
+
+    def require_file(self, relative: str | os.PathLike) -> Path:
+        """root/relative, or a FileNotFoundError naming it and the download page."""
+        path = self.root / relative
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{self.NAME}: {path} not found; DATA.ROOT must be the unpacked dataset folder "
+                f"({self.source_hint()})"
+            )
+        return path
+
+    def require_dir(self, relative: str | os.PathLike) -> Path:
+        """root/relative, or a FileNotFoundError naming it and the download page."""
+        path = self.root / relative
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"{self.NAME}: folder {path} not found; DATA.ROOT must be the unpacked dataset folder "
+                f"({self.source_hint()})"
+            )
+        return path
+
+    def _check_image_layout(self) -> None:
+        for index in {0, len(self.paths) - 1}:
+            path = self.image_root / str(self.paths[index])
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"{self.NAME}: image {path} listed for split {self.split!r} does not exist; check that the "
+                    f"images were unpacked under {self.image_root} ({self.source_hint()})"
+                )
+
+    def full_path(self, index: int) -> Path:
+        return self.image_root / str(self.paths[index])
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        label = int(self.labels[index])
+        image = self._load(index) if self.bad_images == "error" else self._load_or_substitute(index)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, label
+
+    def _load(self, index: int) -> Image.Image:
+        box = None if self.boxes is None else self.boxes[index]
+        return load_rgb(self.full_path(index), box)
+
+    def _load_or_substitute(self, index: int) -> Image.Image:
+        members = self._members_of(int(self.labels[index]))
+        start = int(np.searchsorted(members, index))
+        for step in range(len(members)):
+            candidate = int(members[(start + step) % len(members)])
+            if str(self.paths[candidate]) in self._bad_paths:
+                continue
+            try:
+                return self._load(candidate)
+            except OSError as err:
+                self._bad_paths.add(str(self.paths[candidate]))
+                self.bad_image_count += 1
+                logger.warning(
+                    "%s: skipping undecodable image (%d so far in this process): %s",
+                    self.NAME, self.bad_image_count, err,
+                )
+        raise OSError(
+            f"{self.NAME}: every image of class {int(self.labels[index])} is undecodable, e.g. {self.full_path(index)}"
+        )
+
+    def _members_of(self, label: int) -> np.ndarray:
+        if self._class_members is None:
+            order = np.argsort(self.labels, kind="stable")
+            bounds = np.flatnonzero(np.diff(self.labels[order])) + 1
+            groups = np.split(order, bounds)
+            self._class_members = {int(self.labels[g[0]]): g for g in groups}
+        return self._class_members[label]
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.labels.max()) + 1 if len(self.labels) else 0
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(root={str(self.root)!r}, split={self.split!r}, images={len(self)}, "
+            f"classes={len(np.unique(self.labels))})"
+        )

@@ -1,0 +1,128 @@
+"""Image transforms: augmentation, then the input convention of the backbone's weights.
+
+Natural images (every dataset except Glyphs):
+  train: Resize(INPUT.RESIZE) -> RandomResizedCrop(INPUT.IMAGE_SIZE, scale=INPUT.CROP_SCALE)
+         -> RandomHorizontalFlip (if INPUT.HFLIP)
+  test:  Resize(INPUT.RESIZE) -> CenterCrop(INPUT.IMAGE_SIZE)
+  then `BackboneInput`, the convention the pretrained weights were trained with:
+    bninception      BGR channel order, 0-255 range, mean (B, G, R) = (104, 117, 128), std 1
+                     (the Caffe-era ImageNet port; feeding it RGB/ImageNet-normalised input
+                     silently costs accuracy);
+    resnet*, convnet RGB, 0-1 range, ImageNet mean/std (torchvision's weights).
+Glyphs (32x32 grayscale "L" images): no augmentation, RGB, a resize only when
+INPUT.IMAGE_SIZE differs from DATA.GLYPHS.IMAGE_SIZE, then 0-1 range and
+Normalize(0.5, 0.5).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torchvision import transforms as T
+from torchvision.transforms import functional as TF
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class InputConvention:
+    """How a backbone's weights expect pixels: channel order, value range, then (x - mean) / std."""
+
+    channel_order: str  # "RGB" or "BGR"
+    max_value: float  # 1.0: pixels in [0, 1]; 255.0: pixels in [0, 255]
+    mean: tuple[float, float, float]  # in the channel order above
+    std: tuple[float, float, float]
+
+
+BNINCEPTION_CONVENTION = InputConvention("BGR", 255.0, (104.0, 117.0, 128.0), (1.0, 1.0, 1.0))
+IMAGENET_CONVENTION = InputConvention("RGB", 1.0, IMAGENET_MEAN, IMAGENET_STD)
+GLYPHS_CONVENTION = InputConvention("RGB", 1.0, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def input_convention(backbone_name: str) -> InputConvention:
+    """The input convention of a backbone (MODEL.BACKBONE.NAME)."""
+    name = backbone_name.lower()
+    if name == "bninception":
+        return BNINCEPTION_CONVENTION
+    if name == "convnet" or name.startswith("resnet"):
+        return IMAGENET_CONVENTION
+    raise ValueError(
+        f"MODEL.BACKBONE.NAME {backbone_name!r} has no known input convention; "
+        "choose convnet, resnet18, resnet50 or bninception"
+    )
+
+
+class BackboneInput:
+    """PIL RGB image -> float tensor (3, H, W) in a backbone's input convention."""
+
+    def __init__(self, convention: InputConvention):
+        self.convention = convention
+        self._mean = torch.tensor(convention.mean).view(3, 1, 1)
+        self._std = torch.tensor(convention.std).view(3, 1, 1)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        pixels = TF.pil_to_tensor(image).float()  # RGB, 0-255
+        if pixels.shape[0] != 3:
+            raise ValueError(f"expected an RGB image with 3 channels, got {pixels.shape[0]}")
+        if self.convention.max_value != 255.0:
+            pixels = pixels * (self.convention.max_value / 255.0)
+        if self.convention.channel_order == "BGR":
+            pixels = pixels.flip(0)
+        return (pixels - self._mean) / self._std
+
+    def __repr__(self) -> str:
+        c = self.convention
+        return f"BackboneInput({c.channel_order}, 0-{c.max_value:g}, mean={c.mean}, std={c.std})"
+
+
+def _check_sizes(cfg) -> tuple[int, int, tuple[float, float]]:
+    size, resize = int(cfg.INPUT.IMAGE_SIZE), int(cfg.INPUT.RESIZE)
+    scale = tuple(float(s) for s in cfg.INPUT.CROP_SCALE)
+    if size < 1:
+        raise ValueError(f"INPUT.IMAGE_SIZE must be positive, got {size}")
+    return size, resize, scale
+
+
+def _natural_image_steps(cfg, train: bool) -> list:
+    size, resize, scale = _check_sizes(cfg)
+    if resize < size:
+        raise ValueError(
+            f"INPUT.RESIZE ({resize}) is smaller than INPUT.IMAGE_SIZE ({size}): the centre crop would "
+            "need padding; raise INPUT.RESIZE"
+        )
+    if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
+        raise ValueError(f"INPUT.CROP_SCALE must be (low, high) with 0 < low <= high <= 1, got {scale}")
+    if not train:
+        return [T.Resize(resize), T.CenterCrop(size)]
+    steps = [T.Resize(resize), T.RandomResizedCrop(size, scale=scale)]
+    if cfg.INPUT.HFLIP:
+        steps.append(T.RandomHorizontalFlip())
+    return steps
+
+
+def _glyph_steps(cfg) -> list:
+    size, _, _ = _check_sizes(cfg)
+    steps = [ToRGB()]
+    if size != int(cfg.DATA.GLYPHS.IMAGE_SIZE):
+        steps.append(T.Resize((size, size)))
+    return steps
+
+
+class ToRGB:
+    """image.convert("RGB") as a picklable transform (DataLoader workers pickle transforms)."""
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return image.convert("RGB")
+
+    def __repr__(self) -> str:
+        return "ToRGB()"
+
+
+def build_transforms(cfg, train: bool) -> T.Compose:
+    """The transform of training (`train=True`) or test images for this config."""
+    if cfg.DATA.NAME.lower() == "glyphs":
+        return T.Compose(_glyph_steps(cfg) + [BackboneInput(GLYPHS_CONVENTION)])
+    convention = input_convention(cfg.MODEL.BACKBONE.NAME)
+    return T.Compose(_natural_image_steps(cfg, train) + [BackboneInput(convention)])
