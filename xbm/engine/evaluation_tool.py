@@ -41,6 +41,7 @@ def _export(cfg, model, device, split: str, ckpt_path: str, export_dir: str | No
     dataset = build_dataset(cfg, split, build_transforms(cfg, train=False))
     feats, labels = compute_embeddings(model, dataset, device, cfg.TEST.BATCH_SIZE, cfg.DATA.NUM_WORKERS)
     folder = export_dir or os.path.dirname(os.path.abspath(ckpt_path))
+    os.makedirs(folder, exist_ok=True)
     stem = os.path.splitext(os.path.basename(ckpt_path))[0]
     np.save(os.path.join(folder, f"{stem}_{split}_embeddings.npy"), feats.numpy())
     np.save(os.path.join(folder, f"{stem}_{split}_labels.npy"), labels.numpy())
