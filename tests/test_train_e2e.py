@@ -33,7 +33,9 @@ def _run_opts(root, out, *extra):
 @pytest.mark.slow
 def test_training_writes_every_output_and_the_loss_falls(glyph_root, tmp_path, capsys):
     out = tmp_path / "run"
-    assert train_main(_run_opts(glyph_root, out)) == 0
+    opts = _run_opts(glyph_root, out, "XBM.DRIFT.ENABLE", "True", "XBM.DRIFT.INTERVAL", "10",
+                     "XBM.DRIFT.NUM_SAMPLES", "32", "SOLVER.KEEP_CHECKPOINTS", "1")
+    assert train_main(opts) == 0
 
     assert (out / "config.yaml").read_text().count("xbn") == 1
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -43,7 +45,10 @@ def test_training_writes_every_output_and_the_loss_falls(glyph_root, tmp_path, c
         for k in (1, 10, 100):
             assert 0.0 <= record[f"R@{k}"] <= 1.0
         assert record["R@1"] <= record["R@10"] <= record["R@100"]
-    assert (out / "checkpoints" / "last.pth").is_file()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["iter_0000040.pth", "last.pth"]
+    drift = [json.loads(line) for line in (out / "drift.jsonl").read_text().splitlines()]
+    assert [d["iteration"] for d in drift] == [10, 20, 30, 40]
+    assert all(d["drift/mean_distance"] > 0 for d in drift)
     assert list(out.glob("events.out.tfevents.*"))
     log = (out / "log.txt").read_text()
     assert "cross-batch memory: 36 x 32 float32" in log

@@ -98,6 +98,14 @@ _C.XBM.ADAPT.KALMAN_INTERVAL = 1
 # EMA adaptation: momentum of the running moments (0 = XBN)
 _C.XBM.ADAPT.EMA_MOMENTUM = 0.1
 
+_C.XBM.DRIFT = CN()
+# Measure feature drift (the XBM paper's "slow drift") on a fixed subset of training images
+_C.XBM.DRIFT.ENABLE = False
+# Iterations between two embeddings of the subset (drift = distance between them)
+_C.XBM.DRIFT.INTERVAL = 50
+# Training images in the fixed subset
+_C.XBM.DRIFT.NUM_SAMPLES = 256
+
 # ---------------------------------------------------------------------------
 _C.LOSS = CN()
 # contrastive | multi_similarity | triplet | supcon
@@ -163,6 +171,8 @@ _C.SOLVER.WARMUP_ITERS = 0
 _C.SOLVER.GRAD_CLIP = 0.0
 # Save checkpoints/last.pth every this many iterations (and at the end)
 _C.SOLVER.CHECKPOINT_PERIOD = 1000
+# Also keep this many numbered checkpoints (checkpoints/iter_NNNNNNN.pth), the newest; 0 = only last.pth
+_C.SOLVER.KEEP_CHECKPOINTS = 0
 # Seed of python, numpy, torch and the sampler
 _C.SOLVER.SEED = 0
 # Log the losses every this many iterations

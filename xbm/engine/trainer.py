@@ -27,6 +27,7 @@ from ..modeling import build_model
 from ..utils.env import resolve_device, seed_everything
 from ..utils.logger import setup_logger
 from .checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
+from .drift import DriftMonitor
 from .evaluator import Evaluator
 from .solver import build_optimizer, build_scheduler
 
@@ -100,6 +101,7 @@ class Trainer:
         self.criterion = build_loss(cfg)
         self.memory = build_memory(cfg, self.device)
         self.adapter = build_adapter(cfg) if self.memory is not None else None
+        self.drift = self._drift_monitor() if cfg.XBM.DRIFT.ENABLE else None
         self.optimizer = build_optimizer(cfg, [p for p in self.model.parameters() if p.requires_grad])
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.iteration = 0
@@ -123,6 +125,13 @@ class Trainer:
         else:
             log("cross-batch memory off (in-batch loss only)")
 
+    def _drift_monitor(self) -> DriftMonitor:
+        cfg = self.cfg
+        # The test-time transform: drift should measure the network, not the augmentation.
+        probe_set = build_dataset(cfg, dataset_class(cfg).TRAIN_SPLIT, build_transforms(cfg, train=False))
+        return DriftMonitor(probe_set, num_samples=cfg.XBM.DRIFT.NUM_SAMPLES, interval=cfg.XBM.DRIFT.INTERVAL,
+                            device=self.device, batch_size=cfg.TEST.BATCH_SIZE)
+
     def _train_loader(self) -> DataLoader:
         cfg = self.cfg
         sampler = MPerClassBatchSampler(
@@ -144,11 +153,20 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "memory": self.memory.state_dict() if self.memory is not None else None,
             "adapter": self.adapter.state_dict() if self.adapter is not None else None,
+            "drift": self.drift.state_dict() if self.drift is not None else None,
             "rng": rng_states(),
         }
 
     def save(self) -> None:
-        save_checkpoint(self.state_dict(), self.checkpoint_path)
+        state = self.state_dict()
+        save_checkpoint(state, self.checkpoint_path)
+        keep = self.cfg.SOLVER.KEEP_CHECKPOINTS
+        if keep > 0:
+            folder = os.path.dirname(self.checkpoint_path)
+            save_checkpoint(state, os.path.join(folder, f"iter_{self.iteration:07d}.pth"))
+            numbered = sorted(f for f in os.listdir(folder) if f.startswith("iter_") and f.endswith(".pth"))
+            for old in numbered[:-keep]:
+                os.remove(os.path.join(folder, old))
 
     def _resume(self, path: str) -> None:
         if path == "auto":
@@ -169,6 +187,8 @@ class Trainer:
             self.memory.load_state_dict(state["memory"])
         if self.adapter is not None:
             self.adapter.load_state_dict(state["adapter"])
+        if self.drift is not None and state.get("drift") is not None:
+            self.drift.load_state_dict(state["drift"])
         restore_rng_states(state["rng"])
         self.iteration = state["iteration"]
         self.logger.info(f"resumed from {path} at iteration {self.iteration}")
@@ -238,12 +258,16 @@ class Trainer:
         results = {}
         batches = iter(self._train_loader())
         progress = tqdm(total=max_iters, initial=self.iteration, desc="train", dynamic_ncols=True)
+        if self.drift is not None:
+            self.drift.step(self.model, self.iteration)  # the first snapshot
         try:
             while self.iteration < max_iters:
                 images, labels = next(batches)
                 parts = self.train_step(images, labels)
                 self.iteration += 1
                 progress.update(1)
+                if self.drift is not None:
+                    self._log_drift(self.drift.step(self.model, self.iteration), writer)
                 if self.iteration % max(1, cfg.SOLVER.LOG_PERIOD) == 0 or self.iteration == max_iters:
                     self._log_step(parts, writer, progress)
                 if cfg.SOLVER.CHECKPOINT_PERIOD and self.iteration % cfg.SOLVER.CHECKPOINT_PERIOD == 0:
@@ -257,6 +281,15 @@ class Trainer:
             progress.close()
             writer.close()
         return results
+
+    def _log_drift(self, drift: dict | None, writer) -> None:
+        if drift is None:
+            return
+        for name, value in drift.items():
+            writer.add_scalar(name, value, self.iteration)
+        # Its own file: metrics.jsonl lines are evaluations, which sweeps and plots read as such.
+        with open(os.path.join(self.output_dir, "drift.jsonl"), "a") as f:
+            f.write(json.dumps({"iteration": self.iteration, **drift}) + "\n")
 
     def _log_step(self, parts: dict, writer, progress) -> None:
         values = {name: float(value) for name, value in parts.items()}
