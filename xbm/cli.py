@@ -19,6 +19,17 @@ def _parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def _pop_option(args, name: str) -> None:
+    """Accept `--name VALUE` after the KEY VALUE overrides too (argparse leaves it in opts)."""
+    flag = "--" + name.replace("_", "-")
+    if flag in args.opts:
+        at = args.opts.index(flag)
+        if at + 1 >= len(args.opts):
+            raise SystemExit(f"error: {flag} needs a value")
+        setattr(args, name, args.opts[at + 1])
+        del args.opts[at:at + 2]
+
+
 def _load(parser: argparse.ArgumentParser, args, check: bool = True):
     try:
         return load_cfg(args.cfg, args.opts, check=check)
@@ -31,6 +42,7 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", metavar="CKPT",
                         help="continue from this checkpoint; 'auto' = OUTPUT_DIR/checkpoints/last.pth if it exists")
     args = parser.parse_args(argv)
+    _pop_option(args, "resume")
     cfg = _load(parser, args)
     from .engine.trainer import Trainer, format_results
 

@@ -49,6 +49,9 @@ _C.DATA.NUM_INSTANCES = 4
 _C.DATA.NUM_WORKERS = 0
 # An image that cannot be decoded: error (stop, naming it) | skip (use another image of its class, counted in the log)
 _C.DATA.BAD_IMAGES = "error"
+# Fraction of the training classes held out (class-disjoint) as a validation split for model
+# selection (checkpoints/best.pth); 0 = none, report the last iteration
+_C.DATA.VAL_FRACTION = 0.0
 
 _C.DATA.GLYPHS = CN()
 # A code point becomes a class when at least this many fonts draw it
@@ -167,6 +170,10 @@ _C.SOLVER.STEPS = ()
 _C.SOLVER.GAMMA = 0.1
 # Linear learning-rate warm-up from 0 over this many iterations
 _C.SOLVER.WARMUP_ITERS = 0
+# Iterations at the start that train only the embedding head (the XBN paper's warm-up epochs)
+_C.SOLVER.HEAD_WARMUP_ITERS = 0
+# Mixed precision for the network on CUDA: none | fp16 (with a gradient scaler) | bf16
+_C.SOLVER.AMP = "none"
 # Clip the gradient norm to this value (0 = no clipping)
 _C.SOLVER.GRAD_CLIP = 0.0
 # Save checkpoints/last.pth every this many iterations (and at the end)
@@ -186,6 +193,8 @@ _C.TEST.EVAL_PERIOD = 500
 _C.TEST.BATCH_SIZE = 256
 # Recall@K list; empty = the dataset's own list (SOP 1/10/100/1000, In-Shop 1/10/20/..., ...)
 _C.TEST.RECALL_KS = ()
+# Metric of the validation split that picks checkpoints/best.pth (with DATA.VAL_FRACTION > 0)
+_C.TEST.SELECT_METRIC = "R@1"
 # k-NN search: auto (faiss if importable) | faiss | torch
 _C.TEST.KNN_BACKEND = "auto"
 

@@ -21,6 +21,7 @@ from ..config import check_cfg
 from ..data.datasets import build_dataset, dataset_class
 from ..data.sampler import MPerClassBatchSampler
 from ..data.transforms import build_transforms
+from ..data.validation import split_validation
 from ..losses import build_loss
 from ..memory import build_adapter, build_memory
 from ..modeling import build_model
@@ -43,7 +44,11 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; the run stops before the bad step changes any weight."""
 
 
-def build_evaluator(cfg, device) -> Evaluator:
+AMP_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def build_evaluator(cfg, device, extra_tasks: dict | None = None) -> Evaluator:
+    """The dataset's own evaluation tasks, plus `extra_tasks` (the validation split)."""
     cls = dataset_class(cfg)
     transform = build_transforms(cfg, train=False)
     splits = {}  # a split used by several tasks (a shared gallery) is loaded once
@@ -53,7 +58,8 @@ def build_evaluator(cfg, device) -> Evaluator:
             splits[name] = build_dataset(cfg, name, transform)
         return splits.get(name)
 
-    tasks = {task: (split(query), split(gallery)) for task, (query, gallery) in cls.EVAL_TASKS.items()}
+    tasks = dict(extra_tasks or {})
+    tasks.update({task: (split(query), split(gallery)) for task, (query, gallery) in cls.EVAL_TASKS.items()})
     ks = tuple(cfg.TEST.RECALL_KS) or tuple(cls.RECALL_KS)
     return Evaluator(tasks, ks, device, cfg.TEST.BATCH_SIZE, cfg.DATA.NUM_WORKERS, cfg.TEST.KNN_BACKEND)
 
@@ -95,8 +101,9 @@ class Trainer:
         self.device = resolve_device(cfg.MODEL.DEVICE)
         seed_everything(cfg.SOLVER.SEED)
 
-        self.train_set = build_dataset(cfg, dataset_class(cfg).TRAIN_SPLIT, build_transforms(cfg, train=True))
-        self.evaluator = build_evaluator(cfg, self.device)
+        self.amp_dtype = self._amp_dtype()
+        self.train_set, val_tasks = self._training_data()
+        self.evaluator = build_evaluator(cfg, self.device, val_tasks)
         self.model = build_model(cfg).to(self.device)
         self.criterion = build_loss(cfg)
         self.memory = build_memory(cfg, self.device)
@@ -104,7 +111,9 @@ class Trainer:
         self.drift = self._drift_monitor() if cfg.XBM.DRIFT.ENABLE else None
         self.optimizer = build_optimizer(cfg, [p for p in self.model.parameters() if p.requires_grad])
         self.scheduler = build_scheduler(cfg, self.optimizer)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.iteration = 0
+        self.best_metric = None  # best validation TEST.SELECT_METRIC so far
         if resume:
             self._resume(resume)
         with open(os.path.join(self.output_dir, "config.yaml"), "w") as f:
@@ -124,6 +133,25 @@ class Trainer:
                 f"memory loss from iteration {self.cfg.XBM.START_ITERATION} with weight {self.cfg.XBM.WEIGHT}")
         else:
             log("cross-batch memory off (in-batch loss only)")
+
+    def _amp_dtype(self):
+        name = self.cfg.SOLVER.AMP.lower()
+        if name not in AMP_DTYPES:
+            raise ValueError(f"SOLVER.AMP {self.cfg.SOLVER.AMP!r} is not one of {tuple(AMP_DTYPES)}")
+        if AMP_DTYPES[name] is not None and self.device.type != "cuda":
+            raise ValueError(f"SOLVER.AMP {name} needs a CUDA device; this run is on {self.device} (use none)")
+        return AMP_DTYPES[name]
+
+    def _training_data(self):
+        """The training set and, with DATA.VAL_FRACTION, a class-disjoint validation task."""
+        cfg = self.cfg
+        split = dataset_class(cfg).TRAIN_SPLIT
+        train_set = build_dataset(cfg, split, build_transforms(cfg, train=True))
+        if cfg.DATA.VAL_FRACTION <= 0:
+            return train_set, {}
+        eval_view = build_dataset(cfg, split, build_transforms(cfg, train=False))
+        train_set, val_set = split_validation(train_set, eval_view, cfg.DATA.VAL_FRACTION, seed=cfg.SOLVER.SEED)
+        return train_set, {"val": (val_set, None)}
 
     def _drift_monitor(self) -> DriftMonitor:
         cfg = self.cfg
@@ -151,6 +179,8 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "best_metric": self.best_metric,
             "memory": self.memory.state_dict() if self.memory is not None else None,
             "adapter": self.adapter.state_dict() if self.adapter is not None else None,
             "drift": self.drift.state_dict() if self.drift is not None else None,
@@ -183,6 +213,8 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.best_metric = state["best_metric"]
         if self.memory is not None:
             self.memory.load_state_dict(state["memory"])
         if self.adapter is not None:
@@ -216,8 +248,10 @@ class Trainer:
     def train_step(self, images, labels) -> dict:
         images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
-        embeddings = self.model(images)
-        total, parts = self._loss(embeddings, labels)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            embeddings = self.model(images)
+        # Losses and the memory work in float32 whatever the network's precision.
+        total, parts = self._loss(embeddings.float(), labels)
         if total is not None:
             if not torch.isfinite(total):
                 raise NonFiniteLossError(
@@ -226,10 +260,15 @@ class Trainer:
                     "(if one was saved); lower SOLVER.BASE_LR or set SOLVER.GRAD_CLIP and resume from it."
                 )
             self.optimizer.zero_grad(set_to_none=True)
-            total.backward()
+            self.scaler.scale(total).backward()
+            if self.iteration < self.cfg.SOLVER.HEAD_WARMUP_ITERS:
+                for p in self.model.backbone.parameters():
+                    p.grad = None  # optimizers skip parameters without a gradient
             if self.cfg.SOLVER.GRAD_CLIP > 0:
+                self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.SOLVER.GRAD_CLIP)
-            self.optimizer.step()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             parts["loss/total"] = total.detach()
         self.scheduler.step()
         return parts
@@ -246,7 +285,21 @@ class Trainer:
                         writer.add_scalar(f"{task}/{name}", value, self.iteration)
         self.logger.info(f"evaluation at iteration {self.iteration} ({time.time() - start:.1f} s):\n"
                          + format_results(results))
+        self._keep_best(results)
         return results
+
+    def _keep_best(self, results: dict) -> None:
+        """checkpoints/best.pth: the best validation score so far (never chosen on the test set)."""
+        if "val" not in results:
+            return
+        metric = self.cfg.TEST.SELECT_METRIC
+        if metric not in results["val"]:
+            raise ValueError(f"TEST.SELECT_METRIC {metric!r} is not one of {sorted(results['val'])}")
+        score = results["val"][metric]
+        if self.best_metric is None or score > self.best_metric:
+            self.best_metric = score
+            save_checkpoint(self.state_dict(), os.path.join(os.path.dirname(self.checkpoint_path), "best.pth"))
+            self.logger.info(f"new best validation {metric} {score:.4f} at iteration {self.iteration}: best.pth")
 
     def train(self) -> dict[str, dict]:
         from torch.utils.tensorboard import SummaryWriter

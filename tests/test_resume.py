@@ -1,0 +1,126 @@
+"""Runs that survive: kill -9 and resume, refusal of another config, NaN stop, validation selection."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from xbm.config import load_cfg
+from xbm.data.glyphs import bundled_fonts, generate_glyphs
+from xbm.engine.checkpoint import load_checkpoint
+from xbm.engine.trainer import NonFiniteLossError, Trainer
+
+CODEPOINTS = [ord(c) for c in "ABCDEFGHJKLMNPQRSTUVWXYZabdefghnqrt23456789"]
+
+
+@pytest.fixture(scope="module")
+def glyph_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("glyphs")
+    fonts = [f for f in bundled_fonts() if f.startswith(("DejaVu", "STIX"))][:10]
+    generate_glyphs(root, min_fonts=4, fonts=fonts, codepoints=CODEPOINTS, progress=False)
+    return root
+
+
+def _opts(root, out, *extra):
+    return [
+        "OUTPUT_DIR", str(out), "DATA.ROOT", str(root), "DATA.GLYPHS.MIN_FONTS", "4", "MODEL.DEVICE", "cpu",
+        "MODEL.HEAD.DIM", "32", "DATA.BATCH_SIZE", "8", "XBM.SIZE", "36", "XBM.START_ITERATION", "5",
+        "SOLVER.BASE_LR", "0.001", "TEST.EVAL_PERIOD", "0", "SOLVER.LOG_PERIOD", "5", *extra,
+    ]
+
+
+def _train_command(root, out, *extra):
+    return [sys.executable, "tools/train_net.py", "--cfg", "configs/glyphs_axbn.yaml", *_opts(root, out, *extra)]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_weights_memory_and_metrics(glyph_root, tmp_path):
+    common = ("SOLVER.MAX_ITERS", "60", "SOLVER.CHECKPOINT_PERIOD", "10")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # same thread count in every process: same sums
+    reference = tmp_path / "reference"
+    subprocess.run(_train_command(glyph_root, reference, *common), check=True, env=env, capture_output=True)
+
+    killed = tmp_path / "killed"
+    checkpoint = killed / "checkpoints" / "last.pth"
+    proc = subprocess.Popen(_train_command(glyph_root, killed, *common), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved_at = load_checkpoint(str(checkpoint))["iteration"]
+    assert 10 <= saved_at < 60, "the run was not interrupted mid-way"
+
+    subprocess.run([*_train_command(glyph_root, killed, *common), "--resume", "auto"],
+                   check=True, env=env, capture_output=True)
+    a = load_checkpoint(str(reference / "checkpoints" / "last.pth"))
+    b = load_checkpoint(str(checkpoint))
+    assert b["iteration"] == 60
+    for name, tensor in a["model"].items():
+        torch.testing.assert_close(b["model"][name], tensor, rtol=0, atol=1e-6, msg=name)
+    for name, tensor in a["memory"].items():
+        if isinstance(tensor, torch.Tensor):
+            torch.testing.assert_close(b["memory"][name], tensor, rtol=0, atol=1e-6, msg=name)
+        else:
+            assert b["memory"][name] == tensor, name
+    for name, value in a["adapter"].items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(b["adapter"][name], value, rtol=0, atol=1e-6, msg=name)
+    last = [json.loads((run / "metrics.jsonl").read_text().splitlines()[-1]) for run in (reference, killed)]
+    assert last[0]["iteration"] == last[1]["iteration"] == 60
+    for key in ("R@1", "R@10", "MAP@R"):
+        assert last[1][key] == pytest.approx(last[0][key], abs=1e-6)
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(glyph_root, tmp_path):
+    out = tmp_path / "run"
+    Trainer(load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, out, "SOLVER.MAX_ITERS", "2"))).train()
+    other = load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, out, "MODEL.HEAD.DIM", "16", "XBM.SIZE", "40"))
+    with pytest.raises(ValueError, match=r"MODEL\.HEAD\.DIM: 32 -> 16.*XBM\.SIZE: 36 -> 40"):
+        Trainer(other, resume="auto")
+    # a longer schedule or another device is not a different experiment
+    longer = load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, out, "SOLVER.MAX_ITERS", "3"))
+    assert Trainer(longer, resume="auto").iteration == 2
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(glyph_root, tmp_path):
+    out = tmp_path / "run"
+    cfg = load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, out, "SOLVER.MAX_ITERS", "10",
+                                                     "SOLVER.CHECKPOINT_PERIOD", "1"))
+    trainer = Trainer(cfg)
+    real_loss = trainer.criterion.forward
+
+    def loss_that_explodes(*args, **kwargs):
+        value = real_loss(*args, **kwargs)
+        return value * float("nan") if trainer.iteration == 4 else value
+
+    trainer.criterion.forward = loss_that_explodes
+    with pytest.raises(NonFiniteLossError, match="iteration 4.*last good checkpoint"):
+        trainer.train()
+    state = load_checkpoint(str(out / "checkpoints" / "last.pth"))
+    assert state["iteration"] == 4
+    for name, param in trainer.model.named_parameters():
+        # the bad step changed no weight (BatchNorm's running statistics saw its forward pass, but the
+        # checkpoint on disk, the one to resume from, is the last good one)
+        assert torch.equal(state["model"][name], param.detach()), name
+        assert torch.isfinite(param).all()
+
+
+def test_validation_split_selects_best_checkpoint(glyph_root, tmp_path):
+    out = tmp_path / "run"
+    cfg = load_cfg("configs/glyphs_baseline.yaml", _opts(glyph_root, out, "SOLVER.MAX_ITERS", "6",
+                                                          "TEST.EVAL_PERIOD", "3", "DATA.VAL_FRACTION", "0.3"))
+    trainer = Trainer(cfg)
+    assert len(trainer.evaluator.tasks["val"][0]) + len(trainer.train_set) == 198
+    trainer.train()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["iteration"], r["split"]) for r in records] == [(3, "val"), (3, "test"), (6, "val"), (6, "test")]
+    best = max((r for r in records if r["split"] == "val"), key=lambda r: r["R@1"])
+    state = load_checkpoint(str(out / "checkpoints" / "best.pth"))
+    assert state["best_metric"] == pytest.approx(best["R@1"])
+    assert state["iteration"] == best["iteration"]
