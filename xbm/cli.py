@@ -45,13 +45,18 @@ def train_main(argv: list[str] | None = None) -> int:
     _pop_option(args, "resume")
     cfg = _load(parser, args)
     from .engine.trainer import Trainer, format_results
+    from .utils.distributed import shutdown_distributed
 
-    try:
-        trainer = Trainer(cfg, resume=args.resume)
-    except (FileNotFoundError, ValueError) as err:
-        parser.exit(2, f"error: {err}\n")
-    results = trainer.train()
-    print(f"\nfinal retrieval metrics (%), iteration {trainer.iteration}:\n{format_results(results)}")
+    try:  # under torchrun the Trainer joins the process group; leave it however the run ends
+        try:
+            trainer = Trainer(cfg, resume=args.resume)
+        except (FileNotFoundError, ValueError) as err:
+            parser.exit(2, f"error: {err}\n")
+        results = trainer.train()
+    finally:
+        shutdown_distributed()
+    if trainer.is_main:
+        print(f"\nfinal retrieval metrics (%), iteration {trainer.iteration}:\n{format_results(results)}")
     return 0
 
 

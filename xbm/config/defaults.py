@@ -41,7 +41,7 @@ _C.DATA = CN()
 _C.DATA.NAME = "glyphs"
 # Folder holding the dataset as downloaded (Glyphs: generated here on first use)
 _C.DATA.ROOT = "datasets/glyphs"
-# Images per training batch on one process (= classes per batch x DATA.NUM_INSTANCES)
+# Images per training batch of one process (= classes x DATA.NUM_INSTANCES); torchrun: global batch = this x processes
 _C.DATA.BATCH_SIZE = 16
 # Images per class in a training batch (the m of the m-per-class sampler)
 _C.DATA.NUM_INSTANCES = 4
@@ -74,7 +74,8 @@ _C.INPUT.HFLIP = True
 _C.XBM = CN()
 # Use the cross-batch memory (False = in-batch loss only, the baseline)
 _C.XBM.ENABLE = False
-# Number of embeddings the memory holds (SOP in the paper: 55,000); must be >= the batch size
+# Number of embeddings the memory holds (SOP in the paper: 55,000); >= the batch size, or -1 for
+# the number of training images (the whole training set, as XBN on DeepFashion2)
 _C.XBM.SIZE = 4096
 # Iteration from which the memory loss is added (the memory is filled from the start)
 _C.XBM.START_ITERATION = 100

@@ -6,10 +6,16 @@ One step (DESIGN.md section 1):
   enqueue e.detach() (before the memory loss, so the memory loss sees the batch too)
   loss = LOSS.INBATCH_WEIGHT * loss(e, labels) + XBM.WEIGHT * loss(e, labels, memory)
   backward -> optimizer step
+
+Under torchrun (one process per GPU, DistributedDataParallel) DATA.BATCH_SIZE is per process:
+every rank gathers the global batch (rank 0's rows first), so all memories stay identical, and
+computes the loss of its own anchors against the whole global batch and the whole memory.
+Only rank 0 writes logs, metrics and checkpoints, and evaluates.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 
@@ -25,7 +31,9 @@ from ..data.validation import split_validation
 from ..losses import build_loss
 from ..memory import build_adapter, build_memory
 from ..modeling import build_model
-from ..utils.env import resolve_device, seed_everything
+from ..utils.distributed import (all_gather_batch, all_gather_object, all_gather_with_grad, all_ranks_true,
+                                 broadcast_object, get_rank, get_world_size, init_distributed, sum_over_ranks)
+from ..utils.env import seed_everything
 from ..utils.logger import setup_logger
 from .checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from .drift import DriftMonitor
@@ -91,33 +99,57 @@ def _plain(value):
     return list(value) if isinstance(value, tuple) else value
 
 
+def check_global_batch(cfg, world_size: int) -> None:
+    """The memory receives the batches of all ranks at once: it must hold one global batch."""
+    global_batch = world_size * cfg.DATA.BATCH_SIZE
+    # XBM.SIZE -1 (the whole training set) is only known once the data is read.
+    if cfg.XBM.ENABLE and cfg.XBM.SIZE != -1 and cfg.XBM.SIZE < global_batch:
+        raise ValueError(
+            f"XBM.SIZE ({cfg.XBM.SIZE}) is smaller than the global batch of this distributed run, "
+            f"DATA.BATCH_SIZE ({cfg.DATA.BATCH_SIZE}) per process x {world_size} processes = {global_batch}: "
+            f"the memory receives every process's batch each step; set XBM.SIZE >= {global_batch} "
+            "or lower DATA.BATCH_SIZE"
+        )
+
+
 class Trainer:
     def __init__(self, cfg, resume: str | None = None):
         check_cfg(cfg)
         self.cfg = cfg
+        self.device = init_distributed(cfg.MODEL.DEVICE)  # joins torchrun's process group, if any
+        self.rank, self.world_size = get_rank(), get_world_size()
+        self.is_main = self.rank == 0  # the one process that writes files and evaluates
+        check_global_batch(cfg, self.world_size)
         self.output_dir = cfg.OUTPUT_DIR
         self.checkpoint_path = os.path.join(self.output_dir, "checkpoints", "last.pth")
-        self.logger = setup_logger(self.output_dir)
-        self.device = resolve_device(cfg.MODEL.DEVICE)
+        self.logger = setup_logger(self.output_dir if self.is_main else None)
+        if not self.is_main:
+            self.logger.setLevel(logging.WARNING)  # the other ranks report problems only
         seed_everything(cfg.SOLVER.SEED)
 
         self.amp_dtype = self._amp_dtype()
         self.train_set, val_tasks = self._training_data()
-        self.evaluator = build_evaluator(cfg, self.device, val_tasks)
+        self.evaluator = build_evaluator(cfg, self.device, val_tasks) if self.is_main else None
         self.model = build_model(cfg).to(self.device)
+        self.network = self._distributed(self.model)  # what training steps call; self.model is saved
         self.criterion = build_loss(cfg)
         self.memory = build_memory(cfg, self.device)
         self.adapter = build_adapter(cfg) if self.memory is not None else None
-        self.drift = self._drift_monitor() if cfg.XBM.DRIFT.ENABLE else None
+        self.drift = self._drift_monitor() if cfg.XBM.DRIFT.ENABLE and self.is_main else None
         self.optimizer = build_optimizer(cfg, [p for p in self.model.parameters() if p.requires_grad])
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.iteration = 0
         self.best_metric = None  # best validation TEST.SELECT_METRIC so far
+        if self.rank > 0:
+            # Same weights everywhere (DDP copies rank 0's), but each rank its own augmentations.
+            seed_everything(cfg.SOLVER.SEED + self.rank)
         if resume:
             self._resume(resume)
-        with open(os.path.join(self.output_dir, "config.yaml"), "w") as f:
-            f.write(cfg.dump())
+            self._check_ranks_agree()
+        if self.is_main:
+            with open(os.path.join(self.output_dir, "config.yaml"), "w") as f:
+                f.write(cfg.dump())
         self._log_setup()
 
     # ------------------------------------------------------------------ set-up
@@ -127,6 +159,9 @@ class Trainer:
             f"{len(set(int(x) for x in self.train_set.labels))} classes; output in {self.output_dir}")
         params = sum(p.numel() for p in self.model.parameters())
         log(f"model {self.cfg.MODEL.BACKBONE.NAME} + {self.cfg.MODEL.HEAD.DIM}-d head, {params / 1e6:.2f} M parameters")
+        if self.world_size > 1:
+            log(f"distributed: {self.world_size} processes, DATA.BATCH_SIZE {self.cfg.DATA.BATCH_SIZE} per process, "
+                f"global batch {self.world_size * self.cfg.DATA.BATCH_SIZE}")
         if self.memory is not None:
             log(f"cross-batch memory: {self.memory.size} x {self.cfg.MODEL.HEAD.DIM} {self.cfg.XBM.DTYPE}, "
                 f"{self.memory.nbytes / 2**20:.2f} MiB; adaptation {self.cfg.XBM.ADAPT.NAME}; "
@@ -153,6 +188,15 @@ class Trainer:
         train_set, val_set = split_validation(train_set, eval_view, cfg.DATA.VAL_FRACTION, seed=cfg.SOLVER.SEED)
         return train_set, {"val": (val_set, None)}
 
+    def _distributed(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model wrapped in DistributedDataParallel under torchrun; the model itself otherwise."""
+        if self.world_size == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids)
+
     def _drift_monitor(self) -> DriftMonitor:
         cfg = self.cfg
         # The test-time transform: drift should measure the network, not the augmentation.
@@ -164,7 +208,7 @@ class Trainer:
         cfg = self.cfg
         sampler = MPerClassBatchSampler(
             self.train_set.labels, cfg.DATA.BATCH_SIZE, cfg.DATA.NUM_INSTANCES,
-            seed=cfg.SOLVER.SEED, start_batch=self.iteration,
+            seed=cfg.SOLVER.SEED, start_batch=self.iteration, rank=self.rank, world_size=self.world_size,
         )
         return DataLoader(
             self.train_set, batch_sampler=sampler, num_workers=cfg.DATA.NUM_WORKERS,
@@ -185,10 +229,20 @@ class Trainer:
             "adapter": self.adapter.state_dict() if self.adapter is not None else None,
             "drift": self.drift.state_dict() if self.drift is not None else None,
             "rng": rng_states(),
+            "world_size": self.world_size,
         }
 
-    def save(self) -> None:
+    def _checkpoint_state(self) -> dict | None:
+        """state_dict() plus every rank's random state; a collective: all ranks call it, rank 0 gets it."""
         state = self.state_dict()
+        if self.world_size > 1:
+            state["rng_per_rank"] = all_gather_object(state["rng"])
+        return state if self.is_main else None
+
+    def save(self) -> None:
+        state = self._checkpoint_state()
+        if not self.is_main:
+            return
         save_checkpoint(state, self.checkpoint_path)
         keep = self.cfg.SOLVER.KEEP_CHECKPOINTS
         if keep > 0:
@@ -221,23 +275,67 @@ class Trainer:
             self.adapter.load_state_dict(state["adapter"])
         if self.drift is not None and state.get("drift") is not None:
             self.drift.load_state_dict(state["drift"])
-        restore_rng_states(state["rng"])
+        per_rank = state.get("rng_per_rank")
+        same_world = per_rank is not None and len(per_rank) == self.world_size
+        restore_rng_states(per_rank[self.rank] if same_world else state["rng"])
         self.iteration = state["iteration"]
         self.logger.info(f"resumed from {path} at iteration {self.iteration}")
+        saved_world = state.get("world_size", 1)
+        if saved_world != self.world_size:
+            self.logger.warning(
+                f"{path} was written by a run of {saved_world} process(es) and this run has {self.world_size}: "
+                f"the global batch changes from {saved_world * self.cfg.DATA.BATCH_SIZE} to "
+                f"{self.world_size * self.cfg.DATA.BATCH_SIZE} images and the batch stream continues elsewhere")
+
+    def _check_ranks_agree(self) -> None:
+        """Every rank must resume from the same checkpoint (OUTPUT_DIR on a file system all nodes read)."""
+        if self.world_size == 1:
+            return
+        iterations = all_gather_object(self.iteration)
+        if len(set(iterations)) > 1:
+            raise ValueError(
+                f"the ranks resumed at different iterations {iterations}: every node must read the same "
+                f"checkpoint {self.checkpoint_path} (put OUTPUT_DIR on a shared file system or copy it to every node)")
 
     # ------------------------------------------------------------------ one step
+    def _global_batch(self, embeddings, labels):
+        """(embeddings, labels) of all ranks, rank 0's rows first, and this rank's rows in them.
+
+        One process: the batch itself and None. The gathered embeddings carry gradients back to
+        every rank when the in-batch loss uses them as its reference set.
+        """
+        if self.world_size == 1:
+            return embeddings, labels, None
+        gather = all_gather_with_grad if self.cfg.LOSS.INBATCH_WEIGHT > 0 else all_gather_batch
+        start = self.rank * embeddings.shape[0]
+        own_rows = torch.arange(start, start + embeddings.shape[0], device=embeddings.device)
+        return gather(embeddings), all_gather_batch(labels), own_rows
+
+    def _step_has_loss(self) -> bool:
+        cfg = self.cfg
+        return cfg.LOSS.INBATCH_WEIGHT > 0 or (
+            self.memory is not None and self.iteration >= cfg.XBM.START_ITERATION and cfg.XBM.WEIGHT > 0)
+
     def _loss(self, embeddings, labels) -> tuple[torch.Tensor | None, dict]:
         cfg, parts = self.cfg, {}
         total = None
+        batch_embeddings, batch_labels, own_rows = self._global_batch(embeddings, labels)
         if cfg.LOSS.INBATCH_WEIGHT > 0:
-            loss = self.criterion(embeddings, labels)
+            if own_rows is None:
+                loss = self.criterion(embeddings, labels)
+            else:
+                # This rank's anchors against the global batch, own pairs excluded: averaged over
+                # ranks by DDP, the gradient of the one-process loss on the global batch.
+                loss = self.criterion(embeddings, labels, batch_embeddings, batch_labels, ref_self_index=own_rows)
             parts.update(_stats("inbatch", loss, self.criterion))
             total = cfg.LOSS.INBATCH_WEIGHT * loss
         if self.memory is not None:
-            batch = embeddings.detach()
+            batch = batch_embeddings.detach()
             if self.adapter is not None and len(self.memory) > 0:
-                self.memory.adapt_(self.adapter, batch)
-            slots = self.memory.enqueue(batch, labels)
+                self.memory.adapt_(self.adapter, batch)  # global-batch moments: every rank adapts alike
+            slots = self.memory.enqueue(batch, batch_labels)
+            if own_rows is not None:
+                slots = slots[own_rows]
             if self.iteration >= cfg.XBM.START_ITERATION and cfg.XBM.WEIGHT > 0:
                 feats, mem_labels = self.memory.get()
                 loss = self.criterion(embeddings, labels, feats, mem_labels, ref_self_index=slots)
@@ -248,14 +346,18 @@ class Trainer:
     def train_step(self, images, labels) -> dict:
         images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
+        # A step without a loss has no backward, which DDP would wait for: call the bare model.
+        network = self.network if self._step_has_loss() else self.model
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            embeddings = self.model(images)
+            embeddings = network(images)
         # Losses and the memory work in float32 whatever the network's precision.
         total, parts = self._loss(embeddings.float(), labels)
         if total is not None:
-            if not torch.isfinite(total):
+            if not all_ranks_true(torch.isfinite(total)):
+                value = total.item() if self.world_size == 1 else (
+                    f"non-finite on at least one of {self.world_size} ranks (rank {self.rank}: {total.item()})")
                 raise NonFiniteLossError(
-                    f"the loss became {total.item()} at iteration {self.iteration}; training stopped before "
+                    f"the loss became {value} at iteration {self.iteration}; training stopped before "
                     f"this step changed any weight. The last good checkpoint is {self.checkpoint_path} "
                     "(if one was saved); lower SOLVER.BASE_LR or set SOLVER.GRAD_CLIP and resume from it."
                 )
@@ -275,16 +377,20 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def evaluate(self, writer=None) -> dict[str, dict]:
-        start = time.time()
-        results = self.evaluator(self.model)
-        with open(os.path.join(self.output_dir, "metrics.jsonl"), "a") as f:
-            for task, metrics in results.items():
-                f.write(json.dumps({"iteration": self.iteration, "split": task, **metrics}) + "\n")
-                if writer is not None:
-                    for name, value in metrics.items():
-                        writer.add_scalar(f"{task}/{name}", value, self.iteration)
-        self.logger.info(f"evaluation at iteration {self.iteration} ({time.time() - start:.1f} s):\n"
-                         + format_results(results))
+        """Rank 0 evaluates the bare model (no DDP collectives); the others wait for its numbers."""
+        results = None
+        if self.is_main:
+            start = time.time()
+            results = self.evaluator(self.model)
+            with open(os.path.join(self.output_dir, "metrics.jsonl"), "a") as f:
+                for task, metrics in results.items():
+                    f.write(json.dumps({"iteration": self.iteration, "split": task, **metrics}) + "\n")
+                    if writer is not None:
+                        for name, value in metrics.items():
+                            writer.add_scalar(f"{task}/{name}", value, self.iteration)
+            self.logger.info(f"evaluation at iteration {self.iteration} ({time.time() - start:.1f} s):\n"
+                             + format_results(results))
+        results = broadcast_object(results)  # the other ranks' barrier
         self._keep_best(results)
         return results
 
@@ -298,19 +404,22 @@ class Trainer:
         score = results["val"][metric]
         if self.best_metric is None or score > self.best_metric:
             self.best_metric = score
-            save_checkpoint(self.state_dict(), os.path.join(os.path.dirname(self.checkpoint_path), "best.pth"))
-            self.logger.info(f"new best validation {metric} {score:.4f} at iteration {self.iteration}: best.pth")
+            state = self._checkpoint_state()
+            if self.is_main:
+                save_checkpoint(state, os.path.join(os.path.dirname(self.checkpoint_path), "best.pth"))
+                self.logger.info(f"new best validation {metric} {score:.4f} at iteration {self.iteration}: best.pth")
 
     def train(self) -> dict[str, dict]:
         from torch.utils.tensorboard import SummaryWriter
 
         cfg = self.cfg
         max_iters = cfg.SOLVER.MAX_ITERS
-        writer = SummaryWriter(self.output_dir)
-        self.model.train()
+        writer = SummaryWriter(self.output_dir) if self.is_main else None
+        self.network.train()
         results = {}
         batches = iter(self._train_loader())
-        progress = tqdm(total=max_iters, initial=self.iteration, desc="train", dynamic_ncols=True)
+        progress = tqdm(total=max_iters, initial=self.iteration, desc="train", dynamic_ncols=True,
+                        disable=not self.is_main)
         if self.drift is not None:
             self.drift.step(self.model, self.iteration)  # the first snapshot
         try:
@@ -332,7 +441,8 @@ class Trainer:
             results = self.evaluate(writer)
         finally:
             progress.close()
-            writer.close()
+            if writer is not None:
+                writer.close()
         return results
 
     def _log_drift(self, drift: dict | None, writer) -> None:
@@ -344,7 +454,18 @@ class Trainer:
         with open(os.path.join(self.output_dir, "drift.jsonl"), "a") as f:
             f.write(json.dumps({"iteration": self.iteration, **drift}) + "\n")
 
+    def _global_parts(self, parts: dict) -> dict:
+        """Losses averaged over ranks (the global batch's loss), pair counts summed (a collective)."""
+        names = sorted(parts)  # every rank has the same keys: same config, same iteration
+        local = torch.stack([torch.as_tensor(parts[n], dtype=torch.float64, device=self.device) for n in names])
+        total = sum_over_ranks(local)
+        return {n: v / self.world_size if n.startswith("loss/") else v for n, v in zip(names, total)}
+
     def _log_step(self, parts: dict, writer, progress) -> None:
+        if self.world_size > 1:
+            parts = self._global_parts(parts)
+        if not self.is_main:
+            return
         values = {name: float(value) for name, value in parts.items()}
         values["lr"] = self.optimizer.param_groups[0]["lr"]
         if self.memory is not None:
