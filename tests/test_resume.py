@@ -124,3 +124,10 @@ def test_validation_split_selects_best_checkpoint(glyph_root, tmp_path):
     state = load_checkpoint(str(out / "checkpoints" / "best.pth"))
     assert state["best_metric"] == pytest.approx(best["R@1"])
     assert state["iteration"] == best["iteration"]
+
+
+def test_memory_sized_to_the_training_set(glyph_root, tmp_path):
+    cfg = load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, tmp_path / "run", "XBM.SIZE", "-1"))
+    trainer = Trainer(cfg)
+    assert trainer.memory.size == len(trainer.train_set) == 198
+    assert "SIZE: 198" in (tmp_path / "run" / "config.yaml").read_text()

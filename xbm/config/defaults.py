@@ -74,8 +74,8 @@ _C.INPUT.HFLIP = True
 _C.XBM = CN()
 # Use the cross-batch memory (False = in-batch loss only, the baseline)
 _C.XBM.ENABLE = False
-# Number of embeddings the memory holds (SOP in the paper: 55,000); >= the batch size, or -1 for
-# the number of training images (the whole training set, as XBN on DeepFashion2)
+# Number of embeddings the memory holds (SOP in the paper: 55,000); at least the global batch
+# (DATA.BATCH_SIZE x processes), or -1 for one entry per training image (XBN on DeepFashion2)
 _C.XBM.SIZE = 4096
 # Iteration from which the memory loss is added (the memory is filled from the start)
 _C.XBM.START_ITERATION = 100

@@ -129,6 +129,7 @@ class Trainer:
 
         self.amp_dtype = self._amp_dtype()
         self.train_set, val_tasks = self._training_data()
+        self.cfg = cfg = self._resolve_memory_size(cfg)
         self.evaluator = build_evaluator(cfg, self.device, val_tasks) if self.is_main else None
         self.model = build_model(cfg).to(self.device)
         self.network = self._distributed(self.model)  # what training steps call; self.model is saved
@@ -187,6 +188,17 @@ class Trainer:
         eval_view = build_dataset(cfg, split, build_transforms(cfg, train=False))
         train_set, val_set = split_validation(train_set, eval_view, cfg.DATA.VAL_FRACTION, seed=cfg.SOLVER.SEED)
         return train_set, {"val": (val_set, None)}
+
+    def _resolve_memory_size(self, cfg):
+        """XBM.SIZE -1 means one entry per training image; config.yaml records the number."""
+        if not cfg.XBM.ENABLE or cfg.XBM.SIZE != -1:
+            return cfg
+        cfg = cfg.clone()
+        cfg.defrost()
+        cfg.XBM.SIZE = len(self.train_set)
+        cfg.freeze()
+        check_global_batch(cfg, self.world_size)
+        return cfg
 
     def _distributed(self, model: torch.nn.Module) -> torch.nn.Module:
         """The model wrapped in DistributedDataParallel under torchrun; the model itself otherwise."""
