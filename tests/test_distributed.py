@@ -16,7 +16,6 @@ import torch.multiprocessing as mp
 
 from xbm.cli import train_main
 from xbm.config import load_cfg
-from xbm.data.glyphs import bundled_fonts, generate_glyphs
 from xbm.data.sampler import MPerClassBatchSampler
 from xbm.engine.checkpoint import load_checkpoint
 from xbm.engine.trainer import Trainer, check_global_batch
@@ -24,18 +23,11 @@ from xbm.utils.distributed import (all_gather_batch, all_gather_object, all_gath
                                    broadcast_object, get_rank, get_world_size, init_distributed,
                                    shutdown_distributed, sum_over_ranks)
 
-CODEPOINTS = [ord(c) for c in "ABCDEFGHJKLMNPQRSTUVWXYZabdefghnqrt23456789"]
 WORLD = 2
 BATCH = 8  # per rank; the global batch is 16
 STEPS = 3
 
 
-@pytest.fixture(scope="module")
-def glyph_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("glyphs")
-    fonts = [f for f in bundled_fonts() if f.startswith(("DejaVu", "STIX"))][:10]
-    generate_glyphs(root, min_fonts=4, fonts=fonts, codepoints=CODEPOINTS, progress=False)
-    return root
 
 
 def _free_port() -> int:

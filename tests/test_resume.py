@@ -10,19 +10,11 @@ import pytest
 import torch
 
 from xbm.config import load_cfg
-from xbm.data.glyphs import bundled_fonts, generate_glyphs
 from xbm.engine.checkpoint import load_checkpoint
 from xbm.engine.trainer import NonFiniteLossError, Trainer
 
-CODEPOINTS = [ord(c) for c in "ABCDEFGHJKLMNPQRSTUVWXYZabdefghnqrt23456789"]
 
 
-@pytest.fixture(scope="module")
-def glyph_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("glyphs")
-    fonts = [f for f in bundled_fonts() if f.startswith(("DejaVu", "STIX"))][:10]
-    generate_glyphs(root, min_fonts=4, fonts=fonts, codepoints=CODEPOINTS, progress=False)
-    return root
 
 
 def _opts(root, out, *extra):

@@ -228,16 +228,9 @@ def test_children_share_the_cores_when_several_run_at_once(tmp_path):
     assert [r["status"] for r in read_csv(tmp_path / "results.csv")] == ["ran"] * 3
 
 
-CODEPOINTS = [ord(c) for c in "ABCDEFGHJKLMNPQRSTUVWXYZabdefghnqrt23456789"]
-
-
 @pytest.mark.slow
-def test_a_real_tiny_sweep_trains_each_run_once(tmp_path):
-    from xbm.data.glyphs import bundled_fonts, generate_glyphs
-
-    root = tmp_path / "glyphs"
-    fonts = [f for f in bundled_fonts() if f.startswith(("DejaVu", "STIX"))][:10]
-    generate_glyphs(root, min_fonts=4, fonts=fonts, codepoints=CODEPOINTS, progress=False)
+def test_a_real_tiny_sweep_trains_each_run_once(tmp_path, glyph_root):
+    root = glyph_root
     out = tmp_path / "sweep"
     argv = [
         "--cfg", CFG, "--grid", "XBM.SIZE=0,32", "--jobs", "2", "--output", str(out),

@@ -6,17 +6,9 @@ import pytest
 import torch
 
 from xbm.cli import eval_main, train_main
-from xbm.data.glyphs import bundled_fonts, generate_glyphs
-
-CODEPOINTS = [ord(c) for c in "ABCDEFGHJKLMNPQRSTUVWXYZabdefghnqrt23456789"]
 
 
-@pytest.fixture(scope="module")
-def glyph_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("glyphs")
-    fonts = [f for f in bundled_fonts() if f.startswith(("DejaVu", "STIX"))][:10]
-    generate_glyphs(root, min_fonts=4, fonts=fonts, codepoints=CODEPOINTS, progress=False)
-    return root
+
 
 
 def _run_opts(root, out, *extra):

@@ -1,0 +1,239 @@
+"""The cross-batch memory: a preallocated FIFO ring of detached embeddings and labels."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+Adapter = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+# Keys added to the module's state_dict beside the two buffers.
+_POINTER_KEY = "pointer"
+_FILLED_KEY = "filled"
+
+
+class CrossBatchMemory(nn.Module):
+    """The ``size`` most recent embeddings (detached) and their labels, first in first out.
+
+    Both buffers are allocated once at construction, so memory use is fixed at
+    ``size * dim * itemsize + size * 8`` bytes and enqueueing is two slice copies.
+    The write pointer and fill count are plain Python ints (no host-device sync per
+    step) but they are saved in ``state_dict`` so that a resumed run continues with
+    exactly the same memory.
+
+    Args:
+        size: number of slots (XBM.SIZE); must be at least the batch size.
+        dim: embedding width.
+        device: where the buffers live (``.to()`` moves them like any module).
+        dtype: floating storage type; float16/bfloat16 halve the bytes.
+        check_finite: reject batches with NaN/Inf (costs one host-device sync per
+            enqueue on CUDA; set False to skip the check).
+    """
+
+    feats: torch.Tensor
+    labels: torch.Tensor
+
+    def __init__(
+        self,
+        size: int,
+        dim: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__()
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+            raise ValueError(f"size must be a positive int, got {size!r}")
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        self.size = size
+        self.dim = dim
+        self.check_finite = check_finite
+        self.register_buffer("feats", torch.zeros(size, dim, dtype=dtype, device=device))
+        self.register_buffer("labels", torch.zeros(size, dtype=torch.int64, device=device))
+        self._pointer = 0  # next slot to write
+        self._filled = 0  # number of valid slots
+
+    # ------------------------------------------------------------------ queries
+    def __len__(self) -> int:
+        return self._filled
+
+    @property
+    def is_full(self) -> bool:
+        return self._filled == self.size
+
+    @property
+    def pointer(self) -> int:
+        """Slot the next enqueue starts writing at (the oldest entry once full)."""
+        return self._pointer
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.feats.dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the two buffers: size * dim * itemsize + size * 8."""
+        return self.feats.numel() * self.feats.element_size() + self.labels.numel() * 8
+
+    def get(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The valid entries in slot order, as views (no copy), in the storage dtype."""
+        if self._filled == self.size:
+            return self.feats, self.labels
+        # Before the first wrap-around the valid slots are exactly 0 .. filled-1.
+        return self.feats[: self._filled], self.labels[: self._filled]
+
+    # ---------------------------------------------------------------- mutation
+    def reset(self) -> None:
+        """Forget every entry (buffers are kept, not reallocated)."""
+        self.feats.zero_()
+        self.labels.zero_()
+        self._pointer = 0
+        self._filled = 0
+
+    @torch.no_grad()
+    def enqueue(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Write a batch over the oldest slots; return the slot indices written (int64).
+
+        The stored rows are a detached copy cast to the storage dtype. Row ``k`` of
+        the batch lands in slot ``indices[k]``, which lets a loss skip the pair of an
+        anchor with its own stored copy.
+        """
+        self._check_batch(embeddings, labels)
+        batch = embeddings.shape[0]
+        start = self._pointer
+        end = start + batch
+        device = self.feats.device
+        if end <= self.size:
+            self.feats[start:end].copy_(embeddings)
+            self.labels[start:end].copy_(labels)
+            indices = torch.arange(start, end, device=device)
+        else:
+            # The batch straddles the end of the ring: split it into two slices.
+            head = self.size - start
+            tail = batch - head
+            self.feats[start:].copy_(embeddings[:head])
+            self.feats[:tail].copy_(embeddings[head:])
+            self.labels[start:].copy_(labels[:head])
+            self.labels[:tail].copy_(labels[head:])
+            indices = torch.cat(
+                (torch.arange(start, self.size, device=device), torch.arange(0, tail, device=device))
+            )
+        self._pointer = end % self.size
+        self._filled = min(self.size, self._filled + batch)
+        return indices
+
+    @torch.no_grad()
+    def adapt_(self, adapter: Adapter, batch_feats: torch.Tensor) -> None:
+        """Replace the valid entries by ``adapter(valid_feats, batch_feats)``, in place.
+
+        This is XBN's write-back: the adapted memory is what later steps see. It is a
+        no-op with fewer than two entries, where a per-dimension std is undefined.
+        Adapters with an ``apply_(memory, batch)`` method (all of ``xbm.memory``'s)
+        adapt in place, without a second memory-sized tensor.
+        """
+        if self._filled < 2:
+            return
+        valid, _ = self.get()
+        batch_feats = batch_feats.detach()
+        in_place = getattr(adapter, "apply_", None)
+        if in_place is not None:
+            in_place(valid, batch_feats)
+        else:
+            valid.copy_(adapter(valid, batch_feats))
+
+    def _check_batch(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2:
+            shape = tuple(embeddings.shape) if isinstance(embeddings, torch.Tensor) else type(embeddings)
+            raise ValueError(f"embeddings must be a 2-D tensor (batch, dim), got {shape}")
+        if embeddings.shape[1] != self.dim:
+            raise ValueError(
+                f"embeddings width {embeddings.shape[1]} != memory dim {self.dim} (MODEL.HEAD.DIM)"
+            )
+        if not embeddings.is_floating_point():
+            raise ValueError(f"embeddings must be floating point, got {embeddings.dtype}")
+        if not isinstance(labels, torch.Tensor) or labels.dim() != 1:
+            shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels)
+            raise ValueError(f"labels must be a 1-D tensor, got {shape}")
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+        if labels.shape[0] != embeddings.shape[0]:
+            raise ValueError(
+                f"labels length {labels.shape[0]} != embeddings batch size {embeddings.shape[0]}"
+            )
+        if embeddings.shape[0] > self.size:
+            raise ValueError(
+                f"batch of {embeddings.shape[0]} does not fit a memory of {self.size} slots: "
+                "XBM.SIZE must be >= batch size"
+            )
+        if self.check_finite and not bool(torch.isfinite(embeddings).all()):
+            raise ValueError("embeddings contain NaN or Inf; refusing to store them in the memory")
+
+    # ------------------------------------------------------------ persistence
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        # Tensors rather than Python ints, so checkpoints load with weights_only=True.
+        destination[prefix + _POINTER_KEY] = torch.tensor(self._pointer, dtype=torch.int64)
+        destination[prefix + _FILLED_KEY] = torch.tensor(self._filled, dtype=torch.int64)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict,
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list,
+        unexpected_keys: list,
+        error_msgs: list,
+    ) -> None:
+        self._check_compatible(state_dict, prefix)
+        counters = {}
+        for key in (_POINTER_KEY, _FILLED_KEY):
+            if prefix + key in state_dict:
+                counters[key] = int(state_dict[prefix + key])
+            else:
+                missing_keys.append(prefix + key)
+        # The parent class would report the two counters as unexpected keys.
+        own = {k: v for k, v in state_dict.items() if k not in (prefix + _POINTER_KEY, prefix + _FILLED_KEY)}
+        super()._load_from_state_dict(
+            own, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if len(counters) == 2:
+            pointer, filled = counters[_POINTER_KEY], counters[_FILLED_KEY]
+            if not 0 <= filled <= self.size or not 0 <= pointer < self.size:
+                raise ValueError(
+                    f"memory state has pointer {pointer} and fill {filled}, "
+                    f"outside a memory of {self.size} slots"
+                )
+            if filled < self.size and pointer != filled:
+                raise ValueError(
+                    f"memory state is inconsistent: pointer {pointer} != fill {filled} "
+                    "while the memory is not full"
+                )
+            self._pointer, self._filled = pointer, filled
+
+    def _check_compatible(self, state_dict: dict, prefix: str) -> None:
+        feats = state_dict.get(prefix + "feats")
+        if feats is None:
+            return  # reported as a missing key by the parent class
+        differences = []
+        if feats.dim() != 2 or feats.shape[0] != self.size:
+            differences.append(f"size {feats.shape[0] if feats.dim() else '?'} vs {self.size}")
+        if feats.dim() != 2 or feats.shape[1] != self.dim:
+            differences.append(f"dim {feats.shape[-1] if feats.dim() else '?'} vs {self.dim}")
+        if feats.dtype != self.feats.dtype:
+            differences.append(f"dtype {feats.dtype} vs {self.feats.dtype}")
+        if differences:
+            raise ValueError(
+                "cannot load cross-batch memory state: saved vs this memory differ in "
+                + ", ".join(differences)
+                + " (check XBM.SIZE, MODEL.HEAD.DIM, XBM.DTYPE)"
+            )
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, dim={self.dim}, dtype={self.feats.dtype}, filled={self._filled}"
+
