@@ -75,9 +75,10 @@ def test_resume_refuses_a_checkpoint_of_another_config(glyph_root, tmp_path):
     other = load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, out, "MODEL.HEAD.DIM", "16", "XBM.SIZE", "40"))
     with pytest.raises(ValueError, match=r"MODEL\.HEAD\.DIM: 32 -> 16.*XBM\.SIZE: 36 -> 40"):
         Trainer(other, resume="auto")
-    # a longer schedule or another device is not a different experiment
-    longer = load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, out, "SOLVER.MAX_ITERS", "3"))
-    assert Trainer(longer, resume="auto").iteration == 2
+    # a longer schedule or another device is not a different experiment; SOLVER.RESUME works as --resume
+    longer = load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, out, "SOLVER.MAX_ITERS", "3", "SOLVER.RESUME", "auto"))
+    assert Trainer(longer).iteration == 2
+    assert Trainer(load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, out))).iteration == 0
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(glyph_root, tmp_path):

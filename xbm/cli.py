@@ -40,7 +40,8 @@ def _load(parser: argparse.ArgumentParser, args, check: bool = True):
 def train_main(argv: list[str] | None = None) -> int:
     parser = _parser("Train an embedding with an optional cross-batch memory.")
     parser.add_argument("--resume", metavar="CKPT",
-                        help="continue from this checkpoint; 'auto' = OUTPUT_DIR/checkpoints/last.pth if it exists")
+                        help="continue from this checkpoint; 'auto' = OUTPUT_DIR/checkpoints/last.pth if it exists "
+                        "(overrides SOLVER.RESUME)")
     args = parser.parse_args(argv)
     _pop_option(args, "resume")
     cfg = _load(parser, args)

@@ -181,6 +181,9 @@ _C.SOLVER.GRAD_CLIP = 0.0
 _C.SOLVER.CHECKPOINT_PERIOD = 1000
 # Also keep this many numbered checkpoints (checkpoints/iter_NNNNNNN.pth), the newest; 0 = only last.pth
 _C.SOLVER.KEEP_CHECKPOINTS = 0
+# Continue a run: "" (start fresh) | auto (OUTPUT_DIR/checkpoints/last.pth if it exists) | a checkpoint path;
+# the --resume flag of train_net.py overrides it
+_C.SOLVER.RESUME = ""
 # Seed of python, numpy, torch and the sampler
 _C.SOLVER.SEED = 0
 # Log the losses every this many iterations

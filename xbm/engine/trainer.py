@@ -43,7 +43,7 @@ from .solver import build_optimizer, build_scheduler
 # Keys that may change between a checkpoint and the run that resumes it: they change how long or
 # where a run goes, not what it computes.
 RESUMABLE_CHANGES = (
-    "OUTPUT_DIR", "MODEL.DEVICE", "DATA.NUM_WORKERS", "SOLVER.MAX_ITERS", "SOLVER.CHECKPOINT_PERIOD",
+    "OUTPUT_DIR", "MODEL.DEVICE", "DATA.NUM_WORKERS", "SOLVER.MAX_ITERS", "SOLVER.RESUME", "SOLVER.CHECKPOINT_PERIOD",
     "SOLVER.LOG_PERIOD", "TEST.EVAL_PERIOD", "TEST.BATCH_SIZE", "TEST.KNN_BACKEND", "TEST.RECALL_KS",
 )
 
@@ -145,6 +145,7 @@ class Trainer:
         if self.rank > 0:
             # Same weights everywhere (DDP copies rank 0's), but each rank its own augmentations.
             seed_everything(cfg.SOLVER.SEED + self.rank)
+        resume = resume or cfg.SOLVER.RESUME
         if resume:
             self._resume(resume)
             self._check_ranks_agree()
