@@ -347,6 +347,41 @@ def test_multi_similarity_is_stable_for_large_beta():
     torch.testing.assert_close(value.double(), expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_exp_above_matches_exp_of_selected_entries(dtype):
+    # exp_above_ is the dense masked-exp kernel of MultiSimilarityLoss: check it
+    # alone, including exponents whose results are subnormal (float32: below
+    # about -87.3) and an anchor that selects nothing (floor +inf).
+    from xbm.losses.base import exp_above_
+    gen = torch.Generator().manual_seed(11)
+    sim = (torch.rand(6, 300, generator=gen, dtype=torch.float64) * 2 - 1)
+    floor = torch.tensor([-0.5, 0.0, 0.3, -1.5, math.inf, 0.8], dtype=torch.float64)
+    scale = 60.0
+    # offset: the row's largest possible exponent (S = 1) lands at `top`; row 3
+    # selects everything and spans normal, subnormal and underflowing results.
+    log_tiny = math.log(torch.finfo(dtype).tiny)
+    top = torch.tensor([0.0, -3.0, -30.0, log_tiny + 5, 0.0, -1.0], dtype=torch.float64)
+    offset = torch.where(floor.isinf(), 0.0, top - scale * (1 - floor))
+    expected = torch.zeros_like(sim)
+    n_selected = 0
+    for i in range(sim.shape[0]):
+        for j in range(sim.shape[1]):
+            if sim[i, j] > floor[i]:
+                n_selected += 1
+                expected[i, j] = math.exp(scale * (sim[i, j] - floor[i]) + offset[i])
+    values, selected = exp_above_(sim.to(dtype).T.contiguous().T, floor.to(dtype), scale,
+                                  offset.to(dtype))
+    assert selected.dtype == torch.long and int(selected) == n_selected
+    assert torch.all(values[expected == 0] == 0)
+    tiny = torch.finfo(dtype).tiny
+    normal = expected > 1e3 * tiny  # subnormal results carry fewer significant digits
+    assert int((expected[expected > 0] < tiny).sum()) > 0, "no subnormal case covered"
+    rtol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(values.double()[normal], expected[normal], rtol=rtol, atol=0)
+    torch.testing.assert_close(values.double()[~normal], expected[~normal], rtol=0,
+                               atol=1e3 * tiny)
+
+
 def test_triplet_all_matches_dense_triplet_tensor_on_larger_reference():
     gen = torch.Generator().manual_seed(6)
     emb = torch.randn(16, 8, generator=gen, dtype=torch.float64)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .base import (PairLoss, SameLabelPairs, SimilarityLossOutput, check_finite_number,
-                   count_true, rows_min, rows_sum, select_above, take_same_label)
+                   count_true, exp_above_, rows_min, rows_sum, take_same_label)
 from .contrastive import POSITIVE_SIMILARITY_CEILING
 
 # Below every cosine similarity: "select every negative" without an infinite floor.
@@ -87,8 +87,7 @@ class MultiSimilarityLoss(PairLoss):
 
         # negatives: the dense matrix; entry -> beta (S - base) - shift when mined
         offset = torch.where(contributes, self.beta * (neg_floor - self.base) - shift_neg, 0.0)
-        exp_neg, neg_pairs = select_above(sim, neg_floor, self.beta, offset)
-        exp_neg = exp_neg.exp_()
+        exp_neg, neg_pairs = exp_above_(sim, neg_floor, self.beta, offset)
         denom_neg = torch.exp(-shift_neg) + exp_neg.sum(dim=1)
 
         per_anchor = ((shift_pos + denom_pos.log()) / self.alpha
