@@ -618,3 +618,14 @@ def test_cuda_matches_cpu(cls, reference, kwargs):
                                    ref_self_index=self_index.to(cuda))
     torch.testing.assert_close(value.cpu(), cpu_value)
     torch.testing.assert_close(grad.cpu(), cpu_grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_multi_similarity_accepts_half_precision_anchors(dtype):
+    torch.manual_seed(0)
+    emb = torch.nn.functional.normalize(torch.randn(16, 8), dim=1)
+    labels = torch.arange(4).repeat_interleave(4)
+    full = MultiSimilarityLoss()(emb, labels)
+    half = MultiSimilarityLoss()(emb.to(dtype), labels)
+    assert half.dtype == dtype
+    assert half.float().item() == pytest.approx(full.item(), rel=2e-2)

@@ -196,7 +196,8 @@ def exp_above_(sim: Tensor, floor: Tensor, scale: float,
 
 
 _LOG2_E = 1.0 / math.log(2.0)
-_SAME_WIDTH_INT = {torch.float32: torch.int32, torch.float64: torch.int64}
+_SAME_WIDTH_INT = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
+                   torch.float64: torch.int64}
 
 
 # ---------------------------------------------------------------------------
