@@ -1,9 +1,7 @@
 """Feature drift: the pure formula on hand-computed numbers, the monitor on a model whose output we set,
 and scripts/drift.py on checkpoints of a tiny Glyphs model."""
 import csv
-import importlib.util
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -11,6 +9,7 @@ import torch
 from torch import nn
 
 from xbm.engine.drift import DriftMonitor, feature_drift, probe_indices
+from scripts_loader import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -102,12 +101,6 @@ def test_monitor_arguments_are_checked():
     assert len(DriftMonitor(IndexImages(), num_samples=256)) == 10  # all of a small dataset
 
 
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(f"scripts_{name}", os.path.join(ROOT, "scripts", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 CODEPOINTS = [ord(c) for c in "ABCDEFGHJKLMNPQRSTUVWXYZ"]
@@ -136,7 +129,7 @@ def test_drift_script_orders_checkpoints_by_iteration(tmp_path, capsys):
         save_checkpoint({"iteration": iteration, "config": cfg.dump(), "model": model.state_dict()},
                         str(tmp_path / "ck" / name))
 
-    drift = _load_script("drift")
+    drift = load_script("drift")
     out = tmp_path / "drift"
     assert drift.main(["--ckpts", str(tmp_path / "ck" / "*.pth"), "--num-samples", "16", "--out", str(out)]) == 0
     with open(out / "drift.csv", newline="") as f:

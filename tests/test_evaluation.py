@@ -179,7 +179,6 @@ def test_backends_agree_on_neighbours_and_metrics():
         pytest.skip("faiss not installed")
     rng = np.random.default_rng(4)
     x = unit_rows(rng.standard_normal((300, 16)))  # continuous data: no exact ties
-    labels = rng.integers(0, 60, 300)
     s_f, i_f = knn(x, k=20, backend="faiss")
     s_t, i_t = knn(x, k=20, backend="torch")
     np.testing.assert_array_equal(i_f, i_t)

@@ -1,30 +1,23 @@
 """scripts/sweep.py: grid expansion and typing, folder names, skip-if-finished, the CSVs and the plot."""
 import csv
-import importlib.util
 import json
 import os
 import re
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from xbm.config import load_cfg
+from scripts_loader import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = "configs/glyphs_xbn.yaml"
 
 
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(f"scripts_{name}", os.path.join(ROOT, "scripts", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
-sweep = _load_script("sweep")
+sweep = load_script("sweep")
 
 
 def fake_r1(cfg) -> float:

@@ -1,27 +1,20 @@
 """Pictures: the retrieval grid of a checkpoint and the Recall@K curves of runs."""
-import importlib.util
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scripts_loader import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(f"scripts_{name}", os.path.join(ROOT, "scripts", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
-visualize = _load_script("visualize_retrieval")
-plot_recall = _load_script("plot_recall")
+visualize = load_script("visualize_retrieval")
+plot_recall = load_script("plot_recall")
 CODEPOINTS = [ord(c) for c in "ABCDEFGHJKLMNPQRSTUVWXYZ"]
 
 
