@@ -18,27 +18,9 @@ except ImportError:  # Windows
     fcntl = None
 
 from ..glyphs import GENERATOR_VERSION, LIST_FILES, META_FILE, generate_glyphs
-from .base import DatasetFormatError, check_relative_path, read_lines
+from .list_dataset import read_path_label_list
 
 logger = logging.getLogger(__name__)
-
-
-def read_list_file(list_file: Path) -> tuple[list[str], list[int]]:
-    """Parse `relative/path,codepoint` lines (blank lines skipped); paths stay relative."""
-    paths, codepoints = [], []
-    for number, line in read_lines(list_file):
-        relpath, sep, label = line.rpartition(",")
-        try:
-            codepoint = int(label) if sep else None
-        except ValueError:
-            codepoint = None
-        if codepoint is None or not relpath.strip():
-            raise DatasetFormatError(
-                f"{list_file}, line {number}: expected 'relative/path,integer_label', got {line!r}"
-            )
-        paths.append(check_relative_path(relpath.strip(), list_file, number))
-        codepoints.append(codepoint)
-    return paths, codepoints
 
 
 class Glyphs(Dataset):
@@ -85,8 +67,9 @@ class Glyphs(Dataset):
         list_file = self.root / LIST_FILES[split]
         if not list_file.is_file():
             raise FileNotFoundError(f"Glyphs list file {list_file} is missing; delete {self.root} to regenerate")
-        relpaths, codepoints = read_list_file(list_file)
-        self.paths = np.array(relpaths)
+        entries = read_path_label_list(list_file)
+        codepoints = [cp for _, cp in entries]
+        self.paths = np.array([path for path, _ in entries])
         self.class_ids = sorted(set(codepoints))
         label_of = {cp: label for label, cp in enumerate(self.class_ids)}
         self.labels = np.array([label_of[cp] for cp in codepoints], dtype=np.int64)

@@ -58,13 +58,22 @@ class ListDataset(ImageListDataset):
 
     def _read_records(self, split: str) -> list[Record]:
         list_file = self.list_file if self._single_file else self.require_file(f"{split}.txt")
-        records = []
-        for line_no, line in read_lines(list_file):
-            path, comma, label = line.rpartition(",")
-            if not comma or not path.strip():
-                raise DatasetFormatError(
-                    f"{list_file}, line {line_no}: expected 'relative/path,label', found {line!r}"
-                )
-            key = parse_int(label.strip(), list_file, line_no, "label")
-            records.append(Record(check_relative_path(path.strip(), list_file, line_no), key))
-        return records
+        return [Record(path, label) for path, label in read_path_label_list(list_file)]
+
+
+def read_path_label_list(list_file: Path) -> list[tuple[str, int]]:
+    """(relative path, integer label) of every `relative/path,label` line (blank lines skipped).
+
+    A malformed line, a non-integer label or a path leaving the list's folder is a
+    DatasetFormatError naming the file and the line. Glyphs' list files use this format too.
+    """
+    entries = []
+    for line_no, line in read_lines(list_file):
+        path, comma, label = line.rpartition(",")
+        if not comma or not path.strip():
+            raise DatasetFormatError(
+                f"{list_file}, line {line_no}: expected 'relative/path,label', found {line!r}"
+            )
+        entries.append((check_relative_path(path.strip(), list_file, line_no),
+                        parse_int(label.strip(), list_file, line_no, "label")))
+    return entries
