@@ -22,7 +22,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from xbm.config import ConfigError, load_cfg  # noqa: E402
+from xbm.config import ConfigError  # noqa: E402
 from xbm.engine.drift import COSINE_KEY, DISTANCE_KEY, DriftMonitor, feature_drift  # noqa: E402
 from xbm.utils.plotting import new_figure, save_figure  # noqa: E402
 
@@ -120,12 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         paths = checkpoint_paths(args.ckpts)
-        if args.cfg:
-            cfg = load_cfg(args.cfg, args.opts, check=False)
-        else:
-            from xbm.engine.evaluation_tool import config_of_checkpoint
+        from xbm.engine.evaluation_tool import config_of_checkpoint
 
-            cfg = config_of_checkpoint(paths[0], args.opts)
+        cfg = config_of_checkpoint(paths[0], args.opts, args.cfg)
         found = embed_checkpoints(cfg, paths, args.num_samples, args.seed)
     except (ConfigError, ValueError, FileNotFoundError, KeyError) as err:
         parser.exit(2, f"error: {err}\n")

@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from xbm.config import ConfigError, load_cfg  # noqa: E402
+from xbm.config import ConfigError  # noqa: E402
 from xbm.utils.plotting import new_figure, save_figure  # noqa: E402
 
 CELL_PIXELS = 160
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     from xbm.utils.env import resolve_device
 
     try:
-        cfg = load_cfg(args.cfg, args.opts, check=False) if args.cfg else config_of_checkpoint(args.ckpt, args.opts)
+        cfg = config_of_checkpoint(args.ckpt, args.opts, args.cfg)
         tasks = dataset_class(cfg).EVAL_TASKS
         task = args.task or next(iter(tasks))
         if task not in tasks:

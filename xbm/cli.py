@@ -30,9 +30,9 @@ def _pop_option(args, name: str) -> None:
         del args.opts[at:at + 2]
 
 
-def _load(parser: argparse.ArgumentParser, args, check: bool = True):
+def _load(parser: argparse.ArgumentParser, args):
     try:
-        return load_cfg(args.cfg, args.opts, check=check)
+        return load_cfg(args.cfg, args.opts)
     except (ConfigError, ValueError) as err:
         parser.exit(2, f"error: {err}\n")
 
@@ -75,7 +75,7 @@ def eval_main(argv: list[str] | None = None) -> int:
 
     try:
         # Without --cfg the first checkpoint's own config is used (plus any overrides).
-        cfg = _load(parser, args, check=False) if args.cfg else config_of_checkpoint(paths[0], args.opts)
+        cfg = config_of_checkpoint(paths[0], args.opts, args.cfg)
         rows = evaluate_checkpoints(cfg, paths, export_splits=args.export, export_dir=args.out)
     except (FileNotFoundError, ValueError, KeyError) as err:
         parser.exit(2, f"error: {err}\n")

@@ -16,8 +16,11 @@ from .evaluator import compute_embeddings
 from .trainer import build_evaluator
 
 
-def config_of_checkpoint(path: str, opts: list[str] | None = None) -> CfgNode:
-    """The config a checkpoint was trained with, plus command-line overrides."""
+def config_of_checkpoint(path: str, opts: list[str] | None = None, cfg_file: str | None = None) -> CfgNode:
+    """The config of the tools that read checkpoints: `cfg_file` if given, else the config the
+    checkpoint was trained with; plus command-line overrides."""
+    if cfg_file:
+        return load_cfg(cfg_file, opts, check=False)
     return load_cfg(opts=opts, check=False, base_yaml=load_checkpoint(path)["config"])
 
 
