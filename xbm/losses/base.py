@@ -152,20 +152,6 @@ def sum_of_products(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).sum()
 
 
-def select_above(sim: Tensor, floor: Tensor, scale: float,
-                 offset: Tensor) -> tuple[Tensor, Tensor]:
-    """Per anchor i, entries of ``sim`` above ``floor[i]`` mapped to
-    ``scale * (S - floor[i]) + offset[i]``; every other entry becomes -inf.
-
-    Returns (that matrix, number of selected entries). ``floor[i] = +inf`` selects
-    nothing; ``offset`` must be finite. One B x M temporary, no torch.where.
-    """
-    shifted = torch.add((-scale * floor)[:, None], sim, alpha=scale)  # > 0 iff selected
-    selected = count_true(shifted > 0)
-    F.threshold_(shifted, 0.0, -math.inf)
-    return shifted.add_(offset[:, None]), selected
-
-
 def exp_above_(sim: Tensor, floor: Tensor, scale: float,
                offset: Tensor) -> tuple[Tensor, Tensor]:
     """In place: per anchor i, ``exp(scale * (S - floor[i]) + offset[i])`` on the
@@ -174,14 +160,15 @@ def exp_above_(sim: Tensor, floor: Tensor, scale: float,
     Returns (``sim`` overwritten so, number of selected entries). ``floor[i] =
     +inf`` selects nothing; ``offset`` must be finite.
 
-    The values of ``select_above(...).exp_()`` (up to rounding), faster on CPU:
-    the exponent is computed in base 2 (``scale`` and ``offset`` times log2(e))
-    and raised with ``exp2``, whose vectorised CPU kernel costs about half of
-    ``exp``'s and, unlike it, stays fast on the -inf of unselected entries (exp
-    of an argument whose result underflows takes a path several times slower;
-    exp2 only for finite arguments below -126 in float32). Working in place
-    saves allocating a B x M buffer, whose first touch (page faults) can cost
-    more than an arithmetic pass.
+    The kernel of the two losses that exponentiate their mined negatives
+    (multi-similarity, SupCon). It is faster on CPU than masking with -inf and
+    calling ``exp``: the exponent is computed in base 2 (``scale`` and
+    ``offset`` times log2(e)) and raised with ``exp2``, whose vectorised CPU
+    kernel costs about half of ``exp``'s and, unlike it, stays fast on the -inf
+    of unselected entries (exp of an argument whose result underflows takes a
+    path several times slower; exp2 only for finite arguments below -126 in
+    float32). Working in place saves allocating a B x M buffer, whose first
+    touch (page faults) can cost more than an arithmetic pass.
     """
     log2_scale = scale * _LOG2_E
     shifted = torch.add((-log2_scale * floor)[:, None], sim, alpha=log2_scale,

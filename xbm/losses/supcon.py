@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .base import (PairLoss, SameLabelPairs, SimilarityLossOutput, check_finite_number,
-                   rows_max, rows_sum, select_above, take_same_label)
+                   exp_above_, rows_max, rows_sum, take_same_label)
 
 # Below every cosine similarity: "select every negative" without an infinite floor.
 _BELOW_ALL_SIMILARITIES = -2.0
@@ -76,8 +76,8 @@ class SupConLoss(PairLoss):
         row_max = row_max.masked_fill(~torch.isfinite(row_max), 0.0)
         inv_t = 1.0 / self.temperature
         offset = torch.where(has_neg, (neg_floor - row_max) * inv_t, 0.0)
-        exp_neg, neg_pairs = select_above(sim, neg_floor, inv_t, offset)
-        exp_neg = exp_neg.exp_()  # exp((S - row_max) / T) on mined negatives, else 0
+        # exp((S - row_max) / T) on mined negatives, else 0; overwrites sim
+        exp_neg, neg_pairs = exp_above_(sim, neg_floor, inv_t, offset)
         exp_pos = torch.where(mined_pos, (same_sim - row_max[rows]) * inv_t, -math.inf).exp()
         partition = exp_neg.sum(dim=1) + rows_sum(exp_pos, rows, batch)
         pos_sim_sum = rows_sum(torch.where(mined_pos, same_sim, 0.0), rows, batch)
