@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pytest
 import torch
@@ -52,3 +53,26 @@ def test_unknown_names():
         build_optimizer(_cfg(OPTIMIZER="lion"), [torch.nn.Parameter(torch.zeros(1))])
     with pytest.raises(ValueError, match="SOLVER.SCHEDULER"):
         lr_factor(_cfg(SCHEDULER="poly"), 0)
+
+
+def test_loss_free_steps_advance_the_schedule_without_a_warning(glyph_root, tmp_path):
+    # Memory loss only, from iteration 3: iterations 0-2 have no loss and take no optimizer step,
+    # yet the learning rate follows the iteration count, and PyTorch's scheduler-order warning
+    # (meant for code that forgot optimizer.step()) is not shown.
+    from xbm.config import load_cfg
+    from xbm.engine.trainer import Trainer
+
+    cfg = load_cfg("configs/glyphs_xbm.yaml", [
+        "OUTPUT_DIR", str(tmp_path / "run"), "DATA.ROOT", str(glyph_root), "DATA.GLYPHS.MIN_FONTS", "4",
+        "MODEL.DEVICE", "cpu", "MODEL.HEAD.DIM", "16", "DATA.BATCH_SIZE", "8", "XBM.SIZE", "32",
+        "XBM.START_ITERATION", "3", "LOSS.INBATCH_WEIGHT", "0.0", "SOLVER.MAX_ITERS", "5",
+        "SOLVER.WARMUP_ITERS", "10", "SOLVER.BASE_LR", "0.001", "TEST.EVAL_PERIOD", "0",
+        "SOLVER.CHECKPOINT_PERIOD", "0"])
+    trainer = Trainer(cfg)
+    start = [p.detach().clone() for p in trainer.model.parameters()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        trainer.train()
+    assert trainer.iteration == 5
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.001 * lr_factor(cfg, 5))
+    assert any(not torch.equal(a, b) for a, b in zip(start, trainer.model.parameters()))

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import time
+import warnings
 
 import torch
 from torch.utils.data import DataLoader
@@ -385,8 +386,18 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             parts["loss/total"] = total.detach()
-        self.scheduler.step()
+        self._advance_schedule()
         return parts
+
+    def _advance_schedule(self) -> None:
+        # The learning rate is a function of the iteration, and a step that updates no weight (memory
+        # loss only, before XBM.START_ITERATION; or AMP skipping an overflowing step) is still an
+        # iteration. PyTorch warns when the scheduler moves before the optimizer has ever stepped;
+        # here that is intended, so that one warning is silenced (and only it).
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before",
+                                    category=UserWarning)
+            self.scheduler.step()
 
     # ------------------------------------------------------------------ the loop
     def evaluate(self, writer=None) -> dict[str, dict]:
