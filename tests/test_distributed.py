@@ -28,8 +28,6 @@ BATCH = 8  # per rank; the global batch is 16
 STEPS = 3
 
 
-
-
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

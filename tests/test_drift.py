@@ -101,8 +101,6 @@ def test_monitor_arguments_are_checked():
     assert len(DriftMonitor(IndexImages(), num_samples=256)) == 10  # all of a small dataset
 
 
-
-
 CODEPOINTS = [ord(c) for c in "ABCDEFGHJKLMNPQRSTUVWXYZ"]
 
 

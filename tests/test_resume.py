@@ -14,9 +14,6 @@ from xbm.engine.checkpoint import load_checkpoint
 from xbm.engine.trainer import NonFiniteLossError, Trainer
 
 
-
-
-
 def _opts(root, out, *extra):
     return [
         "OUTPUT_DIR", str(out), "DATA.ROOT", str(root), "DATA.GLYPHS.MIN_FONTS", "4", "MODEL.DEVICE", "cpu",

@@ -15,8 +15,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = "configs/glyphs_xbn.yaml"
 
 
-
-
 sweep = load_script("sweep")
 
 

@@ -8,9 +8,6 @@ import torch
 from xbm.cli import eval_main, train_main
 
 
-
-
-
 def _run_opts(root, out, *extra):
     return [
         "--cfg", "configs/glyphs_xbn.yaml",

@@ -11,8 +11,6 @@ from scripts_loader import load_script
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-
-
 visualize = load_script("visualize_retrieval")
 plot_recall = load_script("plot_recall")
 CODEPOINTS = [ord(c) for c in "ABCDEFGHJKLMNPQRSTUVWXYZ"]
