@@ -323,7 +323,9 @@ def execute(plan: Plan, cfg_file: str | None, jobs: int = 1, launcher: Launcher 
             outcome[run.name] = ("skipped", "already finished")
         else:
             pending.append(run)
-    echo(f"{len(plan.runs)} runs ({len(plan.rows)} combinations x seeds): "
+    shared = len(plan.rows) - len(plan.runs)
+    shared_note = f" ({shared} rows without a memory share another row's run)" if shared else ""
+    echo(f"{len(plan.rows)} rows (combination x seed), {len(plan.runs)} runs{shared_note}: "
          f"{len(outcome)} already finished, {len(pending)} to train, {jobs} at a time")
     env = child_environment(jobs)
     lock = threading.Lock()
