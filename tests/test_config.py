@@ -67,6 +67,7 @@ def test_wrong_type_and_odd_overrides_are_errors():
         (["XBM.ENABLE", "True", "XBM.SIZE", "8", "DATA.BATCH_SIZE", "16"], "XBM.SIZE .*smaller than DATA.BATCH_SIZE"),
         (["LOSS.INBATCH_WEIGHT", "0.0"], "nothing would be trained"),
         (["SOLVER.MAX_ITERS", "0"], "SOLVER.MAX_ITERS"),
+        (["SOLVER.SEED", "-1"], "SOLVER.SEED must be >= 0"),
     ],
 )
 def test_checks_name_the_key(opts, message):

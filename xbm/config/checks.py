@@ -25,6 +25,8 @@ def check_cfg(cfg: CfgNode) -> None:
         raise ValueError("LOSS.INBATCH_WEIGHT is 0 and no memory loss is on: nothing would be trained")
     if cfg.SOLVER.MAX_ITERS < 1:
         raise ValueError(f"SOLVER.MAX_ITERS must be at least 1, got {cfg.SOLVER.MAX_ITERS}")
+    if cfg.SOLVER.SEED < 0:
+        raise ValueError(f"SOLVER.SEED must be >= 0 (it seeds numpy's SeedSequence), got {cfg.SOLVER.SEED}")
     if cfg.SOLVER.BASE_LR <= 0:
         raise ValueError(f"SOLVER.BASE_LR must be positive, got {cfg.SOLVER.BASE_LR}")
     for key in ("CHECKPOINT_PERIOD", "LOG_PERIOD", "WARMUP_ITERS"):

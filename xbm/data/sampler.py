@@ -71,8 +71,12 @@ class MPerClassBatchSampler:
             batch.extend(rng.choice(pool, self.num_instances, replace=replace).tolist())
         return batch
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def numbered_batches(self) -> Iterator[tuple[int, list[int]]]:
+        """This rank's (global batch number, batch) pairs, from `start_batch` on."""
         number = self.start_batch * self.world_size + self.rank
         while True:
-            yield self.batch(number)
+            yield number, self.batch(number)
             number += self.world_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return (batch for _, batch in self.numbered_batches())

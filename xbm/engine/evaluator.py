@@ -13,7 +13,10 @@ def compute_embeddings(model, dataset, device, batch_size: int = 256, num_worker
     """(N, D) float32 embeddings on the CPU and the (N,) int64 labels of `dataset`, in order."""
     was_training = model.training
     model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    # A private generator: creating the iterator draws a worker seed from it, not from the global
+    # RNG, so evaluating in the middle of training leaves the training's random stream as it was.
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        generator=torch.Generator())
     chunks = []
     for images, _ in loader:
         chunks.append(model(images.to(device, non_blocking=True)).float().cpu())

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from ..config import check_cfg
 from ..data.datasets import build_dataset, dataset_class
+from ..data.loader import build_train_loader
 from ..data.sampler import MPerClassBatchSampler
 from ..data.transforms import build_transforms
 from ..data.validation import split_validation
@@ -224,10 +225,8 @@ class Trainer:
             self.train_set.labels, cfg.DATA.BATCH_SIZE, cfg.DATA.NUM_INSTANCES,
             seed=cfg.SOLVER.SEED, start_batch=self.iteration, rank=self.rank, world_size=self.world_size,
         )
-        return DataLoader(
-            self.train_set, batch_sampler=sampler, num_workers=cfg.DATA.NUM_WORKERS,
-            pin_memory=self.device.type == "cuda", persistent_workers=cfg.DATA.NUM_WORKERS > 0,
-        )
+        return build_train_loader(self.train_set, sampler, num_workers=cfg.DATA.NUM_WORKERS,
+                                  pin_memory=self.device.type == "cuda")
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
