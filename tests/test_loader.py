@@ -46,6 +46,9 @@ def test_seeded_item_depends_on_its_seed_only_and_leaves_the_global_rngs_alone(a
     torch_state, python_state = torch.get_rng_state(), random.getstate()
     assert torch.equal(items[(4, 123)][0], first)
     assert torch.equal(torch.get_rng_state(), torch_state) and random.getstate() == python_state
+    # a batch fetched at once (the DataLoader's path) holds what single fetches give
+    batch = items.__getitems__([(4, 123), (9, 7), (4, 8)])
+    assert all(torch.equal(b[0], items[item][0]) for b, item in zip(batch, [(4, 123), (9, 7), (4, 8)]))
     # the transform is random: other seeds give other crops of the same image
     others = [items[(4, seed)][0] for seed in range(1, 6)]
     assert sum(not torch.equal(other, first) for other in others) >= 4

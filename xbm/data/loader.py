@@ -34,22 +34,27 @@ def sample_seeds(seed: int, batch_number: int, count: int) -> list[int]:
 
 
 @contextmanager
-def seeded_rngs(seed: int):
-    """Run the body with torch's CPU RNG and python's `random` seeded by `seed` (the two RNGs
-    torchvision's transforms draw from), then put both back as they were."""
-    python_state = random.getstate()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        random.seed(seed)
-        try:
-            yield
-        finally:
-            random.setstate(python_state)
+def preserved_rngs():
+    """Run the body, then put torch's CPU RNG and python's `random` back as they were."""
+    torch_state, python_state = torch.get_rng_state(), random.getstate()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(torch_state)
+        random.setstate(python_state)
+
+
+def seed_rngs(seed: int) -> None:
+    """Seed the two RNGs torchvision's transforms draw from: torch's CPU generator and python's
+    `random`. (torch.manual_seed would also seed every CUDA device, about 200x slower per call,
+    and CPU transforms never use them.)"""
+    torch.default_generator.manual_seed(seed)
+    random.seed(seed)
 
 
 class SeededItems(Dataset):
     """A view of `dataset` whose items are asked for as (index, seed): item `index`, with its
-    transform run under `seed`."""
+    transform run under `seed`. The global RNGs are left as they were."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -57,10 +62,18 @@ class SeededItems(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def _seeded_item(self, index: int, seed: int):
+        seed_rngs(seed)
+        return self.dataset[index]
+
     def __getitem__(self, item: tuple[int, int]):
-        index, seed = item
-        with seeded_rngs(seed):
-            return self.dataset[index]
+        with preserved_rngs():
+            return self._seeded_item(*item)
+
+    def __getitems__(self, items: list[tuple[int, int]]) -> list:
+        # The DataLoader fetches a whole batch through here: save and restore the RNGs once per batch.
+        with preserved_rngs():
+            return [self._seeded_item(index, seed) for index, seed in items]
 
 
 class SeededBatches:
