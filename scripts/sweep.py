@@ -9,6 +9,9 @@ Runs: the cartesian product of the --grid values, each with SOLVER.SEED 0 .. --s
 by `python tools/train_net.py --cfg FILE --resume auto KEY VALUE ... OUTPUT_DIR <folder>` in
 DIR/<KEY=value>__<KEY=value>__seed=<s> (one or --jobs at a time; each child's console output goes
 to <folder>/console.log). With --jobs N > 1 each child gets OMP_NUM_THREADS = cores / N.
+With --gpus 0,1,2,3 each of the N concurrent slots owns one of those GPUs (slot k takes the
+(k mod 4)-th) and its children see only it (CUDA_VISIBLE_DEVICES), so --jobs 4 --gpus 0,1,2,3
+trains four runs at once, one per GPU; without --gpus every child sees every GPU.
 
 Rules (each checked before anything is launched):
 - Values are parsed with the config's own types (yacs): an unknown key or a value of the wrong type
@@ -40,6 +43,7 @@ import csv
 import itertools
 import math
 import os
+import queue
 import re
 import shlex
 import subprocess
@@ -47,7 +51,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -311,8 +315,10 @@ Launcher = Callable[[Run, list, dict], int]
 
 
 def execute(plan: Plan, cfg_file: str | None, jobs: int = 1, launcher: Launcher = launch_training,
-            echo: Callable[[str], None] = print) -> dict[str, tuple[str, str]]:
-    """Launch every unfinished run (`jobs` at a time). Returns {run name: (status, detail)}.
+            echo: Callable[[str], None] = print, gpus: Sequence[str] = ()) -> dict[str, tuple[str, str]]:
+    """Launch every unfinished run (`jobs` at a time; with `gpus`, each of the `jobs` slots owns
+    gpus[slot % len(gpus)] and gives it to its children as CUDA_VISIBLE_DEVICES).
+    Returns {run name: (status, detail)}.
 
     status: "skipped" (already finished), "ran" (finished now) or "failed" (detail says why).
     """
@@ -330,15 +336,23 @@ def execute(plan: Plan, cfg_file: str | None, jobs: int = 1, launcher: Launcher 
     env = child_environment(jobs)
     lock = threading.Lock()
     counter = itertools.count(1)
+    free_slots: queue.SimpleQueue[int] = queue.SimpleQueue()
+    for slot in range(jobs):
+        free_slots.put(slot)
 
     def train(run: Run) -> None:
         start = time.time()
+        slot = free_slots.get()  # one of `jobs` runs at a time holds each slot
+        run_env = dict(env, CUDA_VISIBLE_DEVICES=gpus[slot % len(gpus)]) if gpus else env
         with lock:
-            echo(f"[{next(counter)}/{len(pending)}] start {run.name}")
+            where = f" on GPU {run_env['CUDA_VISIBLE_DEVICES']}" if gpus else ""
+            echo(f"[{next(counter)}/{len(pending)}] start {run.name}{where}")
         try:
-            code = launcher(run, command_of(run, cfg_file), env)
+            code = launcher(run, command_of(run, cfg_file), run_env)
         except OSError as err:  # e.g. the interpreter or the folder cannot be used: this run fails, others go on
             code = f"not started: {err}"
+        finally:
+            free_slots.put(slot)
         if code != 0:
             result = ("failed", f"exit status {code}; see {run.log_path}" if isinstance(code, int)
                       else f"{code}")
@@ -534,6 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a config key and its values (repeat for more keys)")
     parser.add_argument("--seeds", type=int, default=1, help="runs per combination, SOLVER.SEED 0..N-1 (default 1)")
     parser.add_argument("--jobs", type=int, default=1, help="trainings at once (default 1)")
+    parser.add_argument("--gpus", metavar="ID,ID,...", default="",
+                        help="GPUs to spread the --jobs slots over, one CUDA_VISIBLE_DEVICES id per slot "
+                             "(default: every child sees every GPU)")
     parser.add_argument("--output", default="output/sweep", help="folder of the sweep (default output/sweep)")
     parser.add_argument("--metric", help="metric of the plot, as TASK/NAME (default: the first task's R@1)")
     parser.add_argument("--dry-run", action="store_true", help="print the runs and their commands; train nothing")
@@ -549,6 +566,9 @@ def main(argv: list[str] | None = None, launcher: Launcher = launch_training) ->
         parser.error("give at least one --grid KEY=V1,V2,...")
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    gpus = [g.strip() for g in args.gpus.split(",")] if args.gpus else []
+    if any(not g for g in gpus):
+        parser.error(f"--gpus takes comma-separated GPU ids such as 0,1,2,3, got {args.gpus!r}")
     try:
         grids = [parse_grid_option(spec) for spec in args.grid]
         plan = plan_sweep(args.cfg, grids, args.seeds, args.opts, args.output)
@@ -573,7 +593,7 @@ def main(argv: list[str] | None = None, launcher: Launcher = launch_training) ->
             state = "finished" if is_finished(run) else "to train"
             print(f"{run.name} [{state}]\n  {shlex.join(command_of(run, args.cfg))}")
         return 0
-    outcome = execute(plan, args.cfg, args.jobs, launcher)
+    outcome = execute(plan, args.cfg, args.jobs, launcher, gpus=gpus)
     try:
         report(plan, outcome, args.output, args.metric)
     except SweepError as err:

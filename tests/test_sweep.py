@@ -244,3 +244,35 @@ def test_a_real_tiny_sweep_trains_each_run_once(tmp_path, glyph_root):
 
     assert sweep.main(argv, launcher=must_not_run) == 0
     assert [r["status"] for r in read_csv(out / "results.csv")] == ["skipped", "skipped"]
+
+
+def test_gpus_are_spread_over_the_slots_and_never_shared_at_once(tmp_path):
+    # 4 runs, 2 at a time over GPUs 3 and 5: every child sees one GPU, and two children running
+    # at the same moment never see the same one.
+    import threading
+
+    in_use, seen, lock = set(), [], threading.Lock()
+    both_running = threading.Barrier(2, timeout=30)  # the first two runs overlap for sure
+    inner = FakeLauncher()
+
+    def launcher(run, command, env):
+        gpu = env["CUDA_VISIBLE_DEVICES"]
+        with lock:
+            assert gpu not in in_use, f"GPU {gpu} given to two runs at once"
+            in_use.add(gpu)
+            seen.append(gpu)
+            first_two = len(seen) <= 2
+        if first_two:
+            both_running.wait()
+        with lock:
+            in_use.discard(gpu)
+        return inner(run, command, env)
+
+    argv = ["--cfg", CFG, "--grid", "XBM.SIZE=64,128,256,512", "--jobs", "2", "--gpus", "3,5",
+            "--output", str(tmp_path), "SOLVER.MAX_ITERS", "4"]
+    assert sweep.main(argv, launcher=launcher) == 0
+    assert sorted(seen[:2]) == ["3", "5"] and set(seen) == {"3", "5"} and len(seen) == 4
+    assert [r["status"] for r in read_csv(tmp_path / "results.csv")] == ["ran"] * 4
+    with pytest.raises(SystemExit):
+        sweep.main(["--cfg", CFG, "--grid", "XBM.SIZE=64", "--gpus", "0,,1", "--output", str(tmp_path / "x")],
+                   launcher=launcher)
