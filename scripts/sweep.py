@@ -30,7 +30,8 @@ Rules (each checked before anything is launched):
 
 Outputs in DIR: results.csv (one row per combination and seed: grid values, seed, status, every
 final metric as TASK/METRIC, the run folder and its console log), summary.csv (per combination:
-number of finished seeds, mean and sample std (ddof=1) of each metric), and recall_vs_<key>.png:
+number of finished seeds, mean and sample std (ddof=1) of each metric), summary.md (the same as a
+Markdown table, mean +- std in %), and recall_vs_<key>.png:
 R@1 against the first numeric grid key (log axis when it spans more than 10x; the value 0 drawn as
 a dashed horizontal line), one line per value of the other grid keys, mean +- std band over seeds.
 A child that fails is listed as failed with its log; the others go on; the exit status is then 1.
@@ -433,6 +434,24 @@ def write_csv(path: str, rows: list[dict], columns: list[str]) -> None:
             writer.writerow({c: _csv_cell(row.get(c, "")) for c in columns})
 
 
+def write_markdown_summary(path: str, summary: list[dict], keys: list[str], metrics: list[str]) -> None:
+    """summary.csv as a Markdown table, every metric as "mean +- std" in %, ready for a report."""
+
+    def cell(entry: dict, metric: str) -> str:
+        mean, std = entry[f"{metric} mean"], entry[f"{metric} std"]
+        if math.isnan(mean):
+            return "-"
+        return f"{100 * mean:.1f}" + ("" if math.isnan(std) else f" +- {100 * std:.1f}")
+
+    columns = [*keys, "seeds", *metrics]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for entry in summary:
+        cells = [str(entry[k]) for k in keys] + [str(entry["seeds"])] + [cell(entry, m) for m in metrics]
+        lines.append("| " + " | ".join(cells) + " |")
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
+
+
 def plot_summary(plan: Plan, summary: list[dict], metric: str, path: str) -> str | None:
     """metric mean +- std against the first numeric grid key, one line per other-key values.
 
@@ -520,7 +539,8 @@ def report(plan: Plan, outcome: dict, output: str, metric: str | None,
     summary = summary_rows(plan, rows)
     write_csv(os.path.join(output, "summary.csv"), summary,
               [*keys, "seeds", "failed", *(f"{m} {s}" for m in metrics for s in ("mean", "std"))])
-    echo(f"wrote {output}/results.csv and {output}/summary.csv")
+    write_markdown_summary(os.path.join(output, "summary.md"), summary, keys, metrics)
+    echo(f"wrote {output}/results.csv, {output}/summary.csv and {output}/summary.md")
     metric = metric or default_metric(metrics)
     if metric is not None:
         if metric not in metrics:
@@ -540,7 +560,8 @@ def report(plan: Plan, outcome: dict, output: str, metric: str | None,
 # ---------------------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Train every combination of --grid values over seeds; write results.csv, summary.csv and a plot.",
+        description="Train every combination of --grid values over seeds; write results.csv, summary.csv, "
+                    "summary.md and a plot.",
         epilog="Rules: see the top of scripts/sweep.py (XBM.SIZE=0 = no memory; finished runs are skipped).",
     )
     parser.add_argument("--cfg", metavar="FILE", help="YAML experiment file every run starts from")

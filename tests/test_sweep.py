@@ -203,6 +203,14 @@ def test_results_summary_and_plot(tmp_path):
         assert float(entry["test/R@10 mean"]) == pytest.approx(np.mean(np.minimum(1.0, values + 0.2)), abs=1e-12)
     assert "num_queries mean" not in summary[0]  # counts are not metrics
 
+    table = (out / "summary.md").read_text().splitlines()
+    assert table[0] == ("| XBM.SIZE | XBM.ADAPT.NAME | seeds | test/R@1 | test/R@10 |")
+    assert len(table) == 2 + 6
+    # XBM.SIZE 1024 with xbn: R@1 = 0.5 + 0.01 * seed + 0.01024 + 0.05 over seeds 0-2
+    values = 100 * (0.5 + 0.01 * np.arange(3) + 0.01024 + 0.05)
+    expected = f"{values.mean():.1f} +- {values.std(ddof=1):.1f}"
+    assert f"| 1024 | xbn | 3 | {expected} |" in "\n".join(table)
+
     with Image.open(out / "recall_vs_size.png") as image:
         assert image.size == (700, 450)
 
