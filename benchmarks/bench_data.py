@@ -6,7 +6,9 @@
 Writes N JPEGs of 500x375 (smooth random content, quality 90, like a photo) to a
 temporary folder, then times, in one process with one torch thread (what a single
 DataLoader worker does), the training transform at 224 px:
-  xbm    ListDataset(list file, transform=build_transforms(cfg, train=True))[i]
+  xbm    ListDataset(list file, transform=build_transforms(cfg, train=True)) read as training
+         reads it: through SeededItems, 16 images per fetch, each transformed under its own
+         seed (xbm/data/loader.py)
   plain  PIL open + convert("RGB") + the same torchvision steps + tensor conversion
          and normalisation to the backbone's convention, no framework around them.
 Each method runs `repeats` times, interleaved; the best run is reported (least disturbed
@@ -29,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from xbm.config import get_cfg  # noqa: E402
 from xbm.data.datasets.list_dataset import ListDataset  # noqa: E402
+from xbm.data.loader import SeededItems, sample_seeds  # noqa: E402
 from xbm.data.transforms import build_transforms, input_convention  # noqa: E402
 
 
@@ -61,11 +64,14 @@ def plain_transform(cfg) -> T.Compose:
     return T.Compose(steps)
 
 
-def time_xbm(list_file: Path, cfg) -> float:
-    dataset = ListDataset(list_file, transform=build_transforms(cfg, train=True))
+def time_xbm(list_file: Path, cfg, batch: int = 16) -> float:
+    dataset = SeededItems(ListDataset(list_file, transform=build_transforms(cfg, train=True)))
+    fetches = [[(i, seed) for i, seed in zip(range(start, min(start + batch, len(dataset))),
+                                             sample_seeds(0, start // batch, batch))]
+               for start in range(0, len(dataset), batch)]
     start = time.perf_counter()
-    for i in range(len(dataset)):
-        dataset[i]
+    for items in fetches:
+        dataset.__getitems__(items)
     return len(dataset) / (time.perf_counter() - start)
 
 
