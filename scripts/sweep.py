@@ -454,6 +454,8 @@ def write_markdown_summary(path: str, summary: list[dict], keys: list[str], metr
 
 def plot_summary(plan: Plan, summary: list[dict], metric: str, path: str) -> str | None:
     """metric mean +- std against the first numeric grid key, one line per other-key values.
+    Without a numeric key the x axis lists the first key's values: points with error bars, side
+    by side per other-key values, and no lines (nothing lies between two categories).
 
     Returns the path written, or None when no finished run has the metric.
     """
@@ -474,7 +476,7 @@ def plot_summary(plan: Plan, summary: list[dict], metric: str, path: str) -> str
         lines.setdefault(tuple(repr(s[a.key]) for a in others), []).append(s)
     colors = [f"C{i % 10}" for i in range(len(lines))]
     zero_lines: dict[tuple, list[str]] = {}  # (mean, std) -> colours of the lines that have it
-    for (_, members), color in zip(lines.items(), colors):
+    for index, ((_, members), color) in enumerate(zip(lines.items(), colors)):
         label = ", ".join(f"{a.key}={members[0][a.key]}" for a in others) or metric
         members = sorted(members, key=lambda s: position(s[x_axis.key]))
         zero = [s for s in members if log_x and position(s[x_axis.key]) == 0]
@@ -482,7 +484,10 @@ def plot_summary(plan: Plan, summary: list[dict], metric: str, path: str) -> str
         x = [position(s[x_axis.key]) for s in curve]
         mean = [s[mean_col] for s in curve]
         std = [0.0 if math.isnan(s[std_col]) else s[std_col] for s in curve]
-        if curve:
+        if curve and not x_axis.numeric:
+            dodge = 0.1 * (index - (len(lines) - 1) / 2)
+            ax.errorbar([v + dodge for v in x], mean, yerr=std, fmt="o", capsize=4, color=color, label=label)
+        elif curve:
             ax.plot(x, mean, marker="o", color=color, label=label)
             ax.fill_between(x, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)],
                             color=color, alpha=0.2, linewidth=0)

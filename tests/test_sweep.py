@@ -284,3 +284,20 @@ def test_gpus_are_spread_over_the_slots_and_never_shared_at_once(tmp_path):
     with pytest.raises(SystemExit):
         sweep.main(["--cfg", CFG, "--grid", "XBM.SIZE=64", "--gpus", "0,,1", "--output", str(tmp_path / "x")],
                    launcher=launcher)
+
+
+def test_a_categorical_axis_gets_dodged_error_bars_not_lines(tmp_path, monkeypatch):
+    figures = []
+    monkeypatch.setattr(sweep, "save_figure", lambda figure, path: figures.append(figure))
+    argv = ["--cfg", CFG, "--grid", "XBM.ADAPT.NAME=none,xbn", "--grid", "XBM.DTYPE=float32,float16",
+            "--seeds", "2", "--output", str(tmp_path), "SOLVER.MAX_ITERS", "4"]
+    assert sweep.main(argv, launcher=FakeLauncher()) == 0
+    (ax,) = figures[0].axes
+    assert len(ax.containers) == 2  # one error-bar series per XBM.DTYPE
+    xs = [list(container.lines[0].get_xdata()) for container in ax.containers]
+    assert xs == [pytest.approx([-0.05, 0.95]), pytest.approx([0.05, 1.05])]
+    assert all(line.get_linestyle() == "None" for line in ax.lines)  # points only: no line joins categories
+    means = [list(container.lines[0].get_ydata()) for container in ax.containers]
+    cfg = load_cfg(CFG)
+    expected = [0.505 + cfg.XBM.SIZE / 100_000 + bonus for bonus in (0.0, 0.05)]  # seeds 0 and 1
+    assert means[0] == pytest.approx(expected) and means[1] == pytest.approx(expected)
