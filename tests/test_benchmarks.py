@@ -1,0 +1,42 @@
+"""The benchmark scripts still run, and what they compare agrees (no timing is asserted: these
+machines are noisy, and the scripts print ratios for a person to read)."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_benchmark(name: str, *args: str) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", name), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_bench_data_times_both_loaders():
+    out = run_benchmark("bench_data.py", "--images", "4", "--repeats", "1", "--backbones", "resnet50")
+    (row,) = re.findall(r"^resnet50\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)$", out, re.M)
+    ours, plain, ratio = map(float, row)
+    assert ours > 0 and plain > 0 and ratio == pytest.approx(ours / plain, abs=0.01)
+
+
+def test_bench_memory_loss_quick_checks_gradients_and_prints_both_losses():
+    out = run_benchmark("bench_memory_loss.py", "--quick", "--repeats", "1", "--threads", "1")
+    for loss in ("contrastive", "multi-sim"):
+        assert re.search(rf"^\| 64 \| 8,192 \| 128 \| {loss} \| [0-9.]+ \|", out, re.M), out
+    # with pytorch-metric-learning installed (the `bench` extra) the gradients are compared first
+    for difference in re.findall(r"max\|grad ours - grad peer\| / max\|grad ours\| = ([0-9.e+-]+)", out):
+        assert float(difference) < 1e-5
+
+
+@pytest.mark.slow
+def test_bench_eval_quick_every_method_gets_the_same_metrics():
+    out = run_benchmark("bench_eval.py", "--quick", "--repeats", "1", "--threads", "1")
+    r1 = dict(re.findall(r"^\| (\w+) \| [0-9.]+ \| [0-9.]+x \| \d+ \| .*?R@1 ([0-9.]+)", out, re.M))
+    assert {"xbm_faiss", "xbm_torch", "xbm_faiss_small"} <= set(r1), out
+    assert len(set(r1.values())) == 1, r1  # every exact search finds the same neighbours
