@@ -32,8 +32,10 @@ Outputs in DIR: results.csv (one row per combination and seed: grid values, seed
 final metric as TASK/METRIC, the run folder and its console log), summary.csv (per combination:
 number of finished seeds, mean and sample std (ddof=1) of each metric), summary.md (the same as a
 Markdown table, mean +- std in %), and recall_vs_<key>.png:
-R@1 against the first numeric grid key (log axis when it spans more than 10x; the value 0 drawn as
-a dashed horizontal line), one line per value of the other grid keys, mean +- std band over seeds.
+R@1 against the first numeric grid key (log axis when it spans more than 10x; the value 0 of a log
+axis or of XBM.SIZE, "no memory", drawn as a dashed horizontal line), one line per value of the
+other grid keys, mean +- std band over seeds (error bars where a line has one point or the axis is
+not numeric).
 A child that fails is listed as failed with its log; the others go on; the exit status is then 1.
 """
 from __future__ import annotations
@@ -454,8 +456,10 @@ def write_markdown_summary(path: str, summary: list[dict], keys: list[str], metr
 
 def plot_summary(plan: Plan, summary: list[dict], metric: str, path: str) -> str | None:
     """metric mean +- std against the first numeric grid key, one line per other-key values.
-    Without a numeric key the x axis lists the first key's values: points with error bars, side
-    by side per other-key values, and no lines (nothing lies between two categories).
+
+    The value 0 of a log axis or of XBM.SIZE is a dashed horizontal line. Without a numeric key,
+    or with a single value left to show, the x axis lists the values as categories: points with
+    error bars, side by side per other-key values, and no lines (nothing lies between them).
 
     Returns the path written, or None when no finished run has the metric.
     """
@@ -466,8 +470,21 @@ def plot_summary(plan: Plan, summary: list[dict], metric: str, path: str) -> str
     numeric = [a for a in plan.axes if a.numeric]
     x_axis = numeric[0] if numeric else plan.axes[0]
     others = [a for a in plan.axes if a is not x_axis]
-    position = (lambda v: float(v)) if x_axis.numeric else (lambda v: float(x_axis.values.index(v)))
     log_x = x_axis.numeric and spans_decades(x_axis.values)
+    # 0 is drawn as a dashed reference line, not as a point: on a log axis it has no place, and
+    # XBM.SIZE 0 is another method (no memory), not the end of a range of memory sizes.
+    zero_is_reference = log_x or x_axis.key == SIZE_KEY
+
+    def is_reference(value) -> bool:
+        return x_axis.numeric and zero_is_reference and float(value) == 0
+
+    shown = [v for v in x_axis.values if not is_reference(v)]
+    categorical = not x_axis.numeric or len(shown) == 1
+    if categorical:
+        log_x = False
+        position = lambda v: float(shown.index(v))  # noqa: E731
+    else:
+        position = float
 
     figure = new_figure(7.0, 4.5)
     ax = figure.add_subplot(1, 1, 1)
@@ -478,15 +495,14 @@ def plot_summary(plan: Plan, summary: list[dict], metric: str, path: str) -> str
     zero_lines: dict[tuple, list[str]] = {}  # (mean, std) -> colours of the lines that have it
     for index, ((_, members), color) in enumerate(zip(lines.items(), colors)):
         label = ", ".join(f"{a.key}={members[0][a.key]}" for a in others) or metric
-        members = sorted(members, key=lambda s: position(s[x_axis.key]))
-        zero = [s for s in members if log_x and position(s[x_axis.key]) == 0]
-        curve = [s for s in members if s not in zero]
+        zero = [s for s in members if is_reference(s[x_axis.key])]
+        curve = sorted((s for s in members if s not in zero), key=lambda s: position(s[x_axis.key]))
         x = [position(s[x_axis.key]) for s in curve]
         mean = [s[mean_col] for s in curve]
         std = [0.0 if math.isnan(s[std_col]) else s[std_col] for s in curve]
-        if curve and not x_axis.numeric:
-            dodge = 0.1 * (index - (len(lines) - 1) / 2)
-            ax.errorbar([v + dodge for v in x], mean, yerr=std, fmt="o", capsize=4, color=color, label=label)
+        if curve and categorical:
+            side = index - (len(lines) - 1) / 2  # the lines' error bars side by side, not on top
+            ax.errorbar([v + 0.1 * side for v in x], mean, yerr=std, fmt="o", capsize=4, color=color, label=label)
         elif curve:
             ax.plot(x, mean, marker="o", color=color, label=label)
             ax.fill_between(x, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)],
@@ -494,8 +510,7 @@ def plot_summary(plan: Plan, summary: list[dict], metric: str, path: str) -> str
         for s in zero:
             spread = 0.0 if math.isnan(s[std_col]) else s[std_col]
             zero_lines.setdefault((s[mean_col], spread), []).append(color)
-    # 0 has no place on a log axis: a dashed reference line (grey when every line shares it, as
-    # the no-memory runs do).
+    # The reference lines are grey when every line shares one, as the no-memory runs do.
     zero_name = f"{x_axis.key}=0" + (" (no memory)" if x_axis.key == SIZE_KEY else "")
     for (mean, spread), line_colors in zero_lines.items():
         color = "0.4" if len(zero_lines) == 1 else line_colors[0]
@@ -503,14 +518,15 @@ def plot_summary(plan: Plan, summary: list[dict], metric: str, path: str) -> str
                    label=zero_name if len(zero_lines) == 1 else None)
         if spread:
             ax.axhspan(mean - spread, mean + spread, color=color, alpha=0.12, linewidth=0)
-    if x_axis.numeric:
-        shown = sorted({float(v) for v in x_axis.values if not (log_x and float(v) == 0)})
+    if categorical:
+        ax.set_xticks(range(len(shown)), [f"{v:g}" if x_axis.numeric else str(v) for v in shown])
+        ax.set_xlim(-0.5, len(shown) - 0.5)
+    else:
+        ticks = sorted(float(v) for v in shown)
         if log_x:
             ax.set_xscale("log")
             ax.minorticks_off()
-        ax.set_xticks(shown, [f"{v:g}" for v in shown])
-    else:
-        ax.set_xticks(range(len(x_axis.values)), [str(v) for v in x_axis.values])
+        ax.set_xticks(ticks, [f"{v:g}" for v in ticks])
     seeds = max(s["seeds"] for s in points)
     ax.set_xlabel(x_axis.key + (f" (dashed: {zero_name})" if len(zero_lines) > 1 else ""))
     ax.set_ylabel(f"{metric} (mean +- std over {seeds} seed{'s' if seeds > 1 else ''})")

@@ -301,3 +301,23 @@ def test_a_categorical_axis_gets_dodged_error_bars_not_lines(tmp_path, monkeypat
     cfg = load_cfg(CFG)
     expected = [0.505 + cfg.XBM.SIZE / 100_000 + bonus for bonus in (0.0, 0.05)]  # seeds 0 and 1
     assert means[0] == pytest.approx(expected) and means[1] == pytest.approx(expected)
+
+
+def test_no_memory_is_a_reference_line_and_a_lone_size_an_error_bar(tmp_path, monkeypatch):
+    # XBM.SIZE=0,4096 on a linear axis: no line from "no memory" to 4096 (0 is another method,
+    # not a smaller memory), but a dashed line at the no-memory mean and one error bar per method.
+    figures = []
+    monkeypatch.setattr(sweep, "save_figure", lambda figure, path: figures.append(figure))
+    argv = ["--cfg", CFG, "--grid", "XBM.SIZE=0,4096", "--grid", "XBM.ADAPT.NAME=none,xbn", "--seeds", "2",
+            "--output", str(tmp_path), "SOLVER.MAX_ITERS", "4"]
+    assert sweep.main(argv, launcher=FakeLauncher()) == 0
+    (ax,) = figures[0].axes
+    dashed = [line for line in ax.lines if line.get_linestyle() == "--"]
+    assert len(dashed) == 1 and list(dashed[0].get_ydata()) == pytest.approx([0.505, 0.505])  # seeds 0, 1
+    assert len(ax.containers) == 2
+    means = [container.lines[0].get_ydata()[0] for container in ax.containers]
+    assert means == pytest.approx([0.505 + 0.04096, 0.505 + 0.04096 + 0.05])
+    assert [tick.get_text() for tick in ax.get_xticklabels()] == ["4096"]
+    # a single size left: a category, with the two methods' error bars side by side
+    assert [list(container.lines[0].get_xdata()) for container in ax.containers] == [
+        pytest.approx([-0.05]), pytest.approx([0.05])]
