@@ -629,3 +629,23 @@ def test_multi_similarity_accepts_half_precision_anchors(dtype):
     half = MultiSimilarityLoss()(emb.to(dtype), labels)
     assert half.dtype == dtype
     assert half.float().item() == pytest.approx(full.item(), rel=2e-2)
+
+
+@pytest.mark.parametrize("unit_refs", [True, False], ids=["unit-memory", "adapted-memory"])
+@pytest.mark.parametrize("cls,reference,kwargs", LOSS_CASES, ids=CASE_IDS)
+def test_unchecked_call_gives_the_same_bits(cls, reference, kwargs, unit_refs):
+    """check_values=False (the trainer's call: no host synchronisation for the checks, the unit-norm
+    question answered on the device) computes exactly what the checked call computes."""
+    emb, labels, centres, gen = make_batch(21, dtype=torch.float32)
+    ref, ref_labels, self_index = make_memory(emb, labels, centres, gen)
+    if unit_refs:  # a plain XBM memory holds unit vectors: the checked call skips the column scaling
+        ref = torch.nn.functional.normalize(ref, dim=1)
+    from xbm.losses.base import _norm_flags
+
+    assert bool(_norm_flags(torch.linalg.vector_norm(ref, dim=1))[1]) == unit_refs  # both paths are taken
+    checked = loss_and_grad(cls(**kwargs), emb, labels, ref, ref_labels, ref_self_index=self_index)
+    unchecked = loss_and_grad(cls(**kwargs), emb, labels, ref, ref_labels, ref_self_index=self_index,
+                              check_values=False)
+    assert torch.equal(checked[0], unchecked[0]) and torch.equal(checked[1], unchecked[1])
+    in_batch = loss_and_grad(cls(**kwargs), emb, labels)
+    assert torch.equal(in_batch[0], loss_and_grad(cls(**kwargs), emb, labels, check_values=False)[0])

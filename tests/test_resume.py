@@ -78,27 +78,31 @@ def test_resume_refuses_a_checkpoint_of_another_config(glyph_root, tmp_path):
     assert Trainer(load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, out))).iteration == 0
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(glyph_root, tmp_path):
+def test_a_non_finite_loss_that_persists_stops_and_keeps_the_last_good_checkpoint(glyph_root, tmp_path):
     out = tmp_path / "run"
     cfg = load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, out, "SOLVER.MAX_ITERS", "10",
-                                                     "SOLVER.CHECKPOINT_PERIOD", "1"))
+                                                     "SOLVER.CHECKPOINT_PERIOD", "1", "SOLVER.MAX_NONFINITE_STEPS", "3"))
     trainer = Trainer(cfg)
     real_loss = trainer.criterion.forward
 
     def loss_that_explodes(*args, **kwargs):
         value = real_loss(*args, **kwargs)
-        return value * float("nan") if trainer.iteration == 4 else value
+        return value * float("nan") if trainer.iteration >= 4 else value
 
     trainer.criterion.forward = loss_that_explodes
-    with pytest.raises(NonFiniteLossError, match="iteration 4.*last good checkpoint"):
+    with pytest.raises(NonFiniteLossError, match="3 steps in a row .iterations 4 to 6.*last good checkpoint"):
         trainer.train()
+    assert trainer.iteration == 6 and trainer.skipped_steps == 3
     state = load_checkpoint(str(out / "checkpoints" / "last.pth"))
-    assert state["iteration"] == 4
+    assert state["iteration"] == 6 and state["skipped_steps"] == 2  # saved after the second skipped step
     for name, param in trainer.model.named_parameters():
-        # the bad step changed no weight (BatchNorm's running statistics saw its forward pass, but the
-        # checkpoint on disk, the one to resume from, is the last good one)
+        # the skipped steps changed no weight: the checkpoint holds the weights of iteration 4
         assert torch.equal(state["model"][name], param.detach()), name
         assert torch.isfinite(param).all()
+    for name, buffer in trainer.model.named_buffers():  # nor BatchNorm's statistics
+        assert torch.equal(state["model"][name], buffer), name
+    log = (out / "log.txt").read_text()
+    assert "iteration 4: non-finite loss or embeddings; step skipped (1 in a row, 1 in all" in log
 
 
 def test_validation_split_selects_best_checkpoint(glyph_root, tmp_path):

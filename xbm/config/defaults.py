@@ -47,6 +47,17 @@ _C.DATA.BATCH_SIZE = 16
 _C.DATA.NUM_INSTANCES = 4
 # DataLoader worker processes (0 = load in the main process)
 _C.DATA.NUM_WORKERS = 0
+# Keep the workers of the evaluation loaders alive between evaluations (with NUM_WORKERS > 0):
+# re-forking them costs seconds per evaluation on large datasets; the training loader is one
+# endless iterator and keeps its workers anyway
+_C.DATA.PERSISTENT_WORKERS = True
+# Batches each worker prepares ahead (with NUM_WORKERS > 0); 2 is PyTorch's default and hides
+# the decoding jitter of JPEG datasets without holding many batches in host memory
+_C.DATA.PREFETCH_FACTOR = 2
+# Send images to the device as uint8 pixels (4x fewer bytes over PCIe) and convert them to the
+# backbone's input convention on the device; off by default: on the CPU it only moves the same
+# arithmetic, and the result is the same either way
+_C.DATA.UINT8_TRANSFER = False
 # An image that cannot be decoded: error (stop, naming it) | skip (use another image of its class, counted in the log)
 _C.DATA.BAD_IMAGES = "error"
 # Fraction of the training classes held out (class-disjoint) as a validation split for model
@@ -173,8 +184,14 @@ _C.SOLVER.GAMMA = 0.1
 _C.SOLVER.WARMUP_ITERS = 0
 # Iterations at the start that train only the embedding head (the XBN paper's warm-up epochs)
 _C.SOLVER.HEAD_WARMUP_ITERS = 0
-# Mixed precision for the network on CUDA: none | fp16 (with a gradient scaler) | bf16
+# Mixed precision (autocast) of the network: none | fp16 (CUDA, with a gradient scaler) | bf16
+# (CUDA devices with bf16 support, or the CPU). Losses and the memory stay float32.
 _C.SOLVER.AMP = "none"
+# A step whose loss or embeddings are not finite (an fp16 forward overflow) is skipped and
+# counted, as GradScaler skips a step whose gradients overflow; this many skipped steps in a row
+# stop the run (1 = stop at the first). 10: an overflow is rare and isolated, a diverged run
+# stays non-finite
+_C.SOLVER.MAX_NONFINITE_STEPS = 10
 # Clip the gradient norm to this value (0 = no clipping)
 _C.SOLVER.GRAD_CLIP = 0.0
 # Save checkpoints/last.pth every this many iterations (and at the end)
@@ -190,6 +207,30 @@ _C.SOLVER.SEED = 0
 _C.SOLVER.LOG_PERIOD = 50
 
 # ---------------------------------------------------------------------------
+# Speed switches. None changes what is computed beyond floating-point rounding; none has an
+# effect on the CPU except CHANNELS_LAST and COMPILE.
+_C.PERF = CN()
+# torch.backends.cudnn.benchmark: time the convolution algorithms once per input shape and keep
+# the fastest. On: training crops have one fixed size, so the search is paid once (the torchvision
+# and timm reference scripts do the same)
+_C.PERF.CUDNN_BENCHMARK = True
+# TensorFloat-32 matrix products and convolutions on Ampere and newer GPUs (8x the float32
+# throughput, 10-bit mantissa inputs, float32 accumulation). On: embeddings are L2-normalised
+# and compared by cosine, far coarser than TF32's rounding
+_C.PERF.TF32 = True
+# channels_last memory format for the convolutional backbones (tensor cores read NHWC without a
+# transpose). Off by default like torchvision's and timm's scripts: it pays with AMP on tensor-core
+# GPUs (the GPU check measures it) and can be slower in float32 or on the CPU
+_C.PERF.CHANNELS_LAST = False
+# torch.compile the network with this backend: "" (off) | inductor | any name in
+# torch._dynamo.list_backends(). Off by default: compiling costs one to several minutes at the
+# start of every run (and again after a resume)
+_C.PERF.COMPILE = ""
+# torch.use_deterministic_algorithms(True), cudnn.benchmark off and a fixed cuBLAS workspace: a
+# CUDA run and its resume give the same bits (slower). Off: results then vary in the last bits
+_C.PERF.DETERMINISTIC = False
+
+# ---------------------------------------------------------------------------
 _C.TEST = CN()
 # Evaluate every this many iterations (and at the end); 0 = only at the end
 _C.TEST.EVAL_PERIOD = 500
@@ -199,7 +240,8 @@ _C.TEST.BATCH_SIZE = 256
 _C.TEST.RECALL_KS = ()
 # Metric of the validation split that picks checkpoints/best.pth (with DATA.VAL_FRACTION > 0)
 _C.TEST.SELECT_METRIC = "R@1"
-# k-NN search: auto (faiss if importable) | faiss | torch
+# k-NN search: auto (the fastest available on the run's device: faiss-gpu or torch on CUDA,
+# faiss on the CPU, torch when faiss is not installed) | faiss | torch
 _C.TEST.KNN_BACKEND = "auto"
 
 

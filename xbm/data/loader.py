@@ -88,11 +88,12 @@ class SeededBatches:
 
 
 def build_train_loader(dataset: Dataset, sampler: MPerClassBatchSampler, num_workers: int = 0,
-                       pin_memory: bool = False) -> DataLoader:
+                       pin_memory: bool = False, prefetch_factor: int = 2) -> DataLoader:
     """The endless training loader of `dataset` in `sampler`'s batches, seeded per sample."""
     # A DataLoader iterator draws its workers' base seed from `generator`, or else from the global
     # RNG; a private generator keeps training from consuming the global stream (the per-sample
     # seeds make the workers' own seeds irrelevant).
     generator = torch.Generator().manual_seed(sampler.seed)
+    workers = {"persistent_workers": True, "prefetch_factor": prefetch_factor} if num_workers > 0 else {}
     return DataLoader(SeededItems(dataset), batch_sampler=SeededBatches(sampler), num_workers=num_workers,
-                      pin_memory=pin_memory, persistent_workers=num_workers > 0, generator=generator)
+                      pin_memory=pin_memory, generator=generator, **workers)

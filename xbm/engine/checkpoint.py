@@ -49,13 +49,26 @@ def rng_states() -> dict:
     return states
 
 
-def restore_rng_states(states: dict) -> None:
+def restore_rng_states(states: dict) -> list[str]:
+    """Put back the random states of `rng_states`; returns a note per state it could not restore.
+
+    The states are read as CPU tensors wherever the checkpoint was mapped to: torch's and numpy's
+    setters take CPU bytes only, and a checkpoint loaded with map_location="cuda" holds them on
+    the GPU. CUDA states are restored for the devices that exist here; the others are skipped
+    and named in the returned notes (a run saved on 8 GPUs, resumed where 1 is visible).
+    """
     random.setstate(_as_tuples(states["python"]))
     name, key, *rest = states["numpy"]
-    np.random.set_state((name, key.numpy(), *rest))
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    np.random.set_state((name, key.cpu().numpy(), *rest))
+    torch.set_rng_state(states["torch"].cpu())
+    saved_cuda = [s.cpu() for s in states.get("cuda", [])]
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for index, state in enumerate(saved_cuda[:visible]):
+        torch.cuda.set_rng_state(state, device=index)
+    if len(saved_cuda) > visible:
+        return [f"the random states of {len(saved_cuda) - visible} of {len(saved_cuda)} saved CUDA devices were "
+                f"not restored: {visible} visible here"]
+    return []
 
 
 def _as_tuples(value):

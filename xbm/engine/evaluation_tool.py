@@ -46,5 +46,5 @@ def _export(cfg, model, device, split: str, ckpt_path: str, export_dir: str | No
     folder = export_dir or os.path.dirname(os.path.abspath(ckpt_path))
     os.makedirs(folder, exist_ok=True)
     stem = os.path.splitext(os.path.basename(ckpt_path))[0]
-    np.save(os.path.join(folder, f"{stem}_{split}_embeddings.npy"), feats.numpy())
+    np.save(os.path.join(folder, f"{stem}_{split}_embeddings.npy"), feats.cpu().numpy())
     np.save(os.path.join(folder, f"{stem}_{split}_labels.npy"), labels.numpy())

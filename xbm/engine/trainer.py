@@ -40,6 +40,7 @@ from ..utils.logger import setup_logger
 from .checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from .drift import DriftMonitor
 from .evaluator import Evaluator
+from .performance import amp_dtype, check_runtime, compiled, configure_backends, memory_format
 from .solver import build_optimizer, build_scheduler
 
 # Keys that may change between a checkpoint and the run that resumes it: they change how long or
@@ -47,14 +48,14 @@ from .solver import build_optimizer, build_scheduler
 RESUMABLE_CHANGES = (
     "OUTPUT_DIR", "MODEL.DEVICE", "DATA.NUM_WORKERS", "SOLVER.MAX_ITERS", "SOLVER.RESUME", "SOLVER.CHECKPOINT_PERIOD",
     "SOLVER.LOG_PERIOD", "TEST.EVAL_PERIOD", "TEST.BATCH_SIZE", "TEST.KNN_BACKEND", "TEST.RECALL_KS",
+    "SOLVER.MAX_NONFINITE_STEPS", "DATA.PERSISTENT_WORKERS", "DATA.PREFETCH_FACTOR", "DATA.UINT8_TRANSFER",
+    "PERF.CUDNN_BENCHMARK", "PERF.TF32", "PERF.CHANNELS_LAST", "PERF.COMPILE", "PERF.DETERMINISTIC",
 )
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or infinite; the run stops before the bad step changes any weight."""
-
-
-AMP_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+    """The loss stayed NaN or infinite for SOLVER.MAX_NONFINITE_STEPS steps in a row; the run
+    stops, and none of those steps changed any weight."""
 
 
 def build_evaluator(cfg, device, extra_tasks: dict | None = None) -> Evaluator:
@@ -71,7 +72,9 @@ def build_evaluator(cfg, device, extra_tasks: dict | None = None) -> Evaluator:
     tasks = dict(extra_tasks or {})
     tasks.update({task: (split(query), split(gallery)) for task, (query, gallery) in cls.EVAL_TASKS.items()})
     ks = tuple(cfg.TEST.RECALL_KS) or tuple(cls.RECALL_KS)
-    return Evaluator(tasks, ks, device, cfg.TEST.BATCH_SIZE, cfg.DATA.NUM_WORKERS, cfg.TEST.KNN_BACKEND)
+    return Evaluator(tasks, ks, device, cfg.TEST.BATCH_SIZE, cfg.DATA.NUM_WORKERS, cfg.TEST.KNN_BACKEND,
+                     amp_dtype=amp_dtype(cfg, torch.device(device)), memory_format=memory_format(cfg),
+                     persistent_workers=cfg.DATA.PERSISTENT_WORKERS, prefetch_factor=cfg.DATA.PREFETCH_FACTOR)
 
 
 def format_results(results: dict[str, dict]) -> str:
@@ -129,14 +132,18 @@ class Trainer:
             self.logger.setLevel(logging.WARNING)  # the other ranks report problems only
         seed_everything(cfg.SOLVER.SEED)
 
-        self.amp_dtype = self._amp_dtype()
+        self.amp_dtype = check_runtime(cfg, self.device)  # before any data is read
+        configure_backends(cfg)
+        self.memory_format = memory_format(cfg)
         self.train_set, val_tasks = self._training_data()
         self.cfg = cfg = self._resolve_memory_size(cfg)
         self.evaluator = build_evaluator(cfg, self.device, val_tasks) if self.is_main else None
-        self.model = build_model(cfg).to(self.device)
-        self.network = self._distributed(self.model)  # what training steps call; self.model is saved
+        self.model = build_model(cfg).to(self.device, memory_format=self.memory_format)
+        # What training steps call (DDP, compiled); self.model is what is saved and evaluated.
+        self.network = compiled(self._distributed(self.model), cfg)
         self.criterion = build_loss(cfg)
-        self.memory = build_memory(cfg, self.device)
+        # The memory's finiteness check is part of the step's one host synchronisation (train_step).
+        self.memory = build_memory(cfg, self.device, check_finite=False)
         self.adapter = build_adapter(cfg) if self.memory is not None else None
         self.drift = self._drift_monitor() if cfg.XBM.DRIFT.ENABLE and self.is_main else None
         self.optimizer = build_optimizer(cfg, [p for p in self.model.parameters() if p.requires_grad])
@@ -144,6 +151,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.iteration = 0
         self.best_metric = None  # best validation TEST.SELECT_METRIC so far
+        self.skipped_steps = 0  # steps skipped for a non-finite loss, in all
+        self.nonfinite_streak = 0  # ... and in a row, up to now
+        self._buffer_backup = None  # the model's buffers before the step in progress
         if self.rank > 0:
             # Same weights everywhere (DDP copies rank 0's), but each rank its own augmentations.
             seed_everything(cfg.SOLVER.SEED + self.rank)
@@ -172,14 +182,6 @@ class Trainer:
                 f"memory loss from iteration {self.cfg.XBM.START_ITERATION} with weight {self.cfg.XBM.WEIGHT}")
         else:
             log("cross-batch memory off (in-batch loss only)")
-
-    def _amp_dtype(self):
-        name = self.cfg.SOLVER.AMP.lower()
-        if name not in AMP_DTYPES:
-            raise ValueError(f"SOLVER.AMP {self.cfg.SOLVER.AMP!r} is not one of {tuple(AMP_DTYPES)}")
-        if AMP_DTYPES[name] is not None and self.device.type != "cuda":
-            raise ValueError(f"SOLVER.AMP {name} needs a CUDA device; this run is on {self.device} (use none)")
-        return AMP_DTYPES[name]
 
     def _training_data(self):
         """The training set and, with DATA.VAL_FRACTION, a class-disjoint validation task."""
@@ -226,7 +228,7 @@ class Trainer:
             seed=cfg.SOLVER.SEED, start_batch=self.iteration, rank=self.rank, world_size=self.world_size,
         )
         return build_train_loader(self.train_set, sampler, num_workers=cfg.DATA.NUM_WORKERS,
-                                  pin_memory=self.device.type == "cuda")
+                                  pin_memory=self.device.type == "cuda", prefetch_factor=cfg.DATA.PREFETCH_FACTOR)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -238,6 +240,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "best_metric": self.best_metric,
+            "skipped_steps": self.skipped_steps,
             "memory": self.memory.state_dict() if self.memory is not None else None,
             "adapter": self.adapter.state_dict() if self.adapter is not None else None,
             "drift": self.drift.state_dict() if self.drift is not None else None,
@@ -271,7 +274,9 @@ class Trainer:
             if not os.path.isfile(path):
                 self.logger.info(f"no checkpoint at {path}: starting from scratch")
                 return
-        state = load_checkpoint(path, map_location=self.device)
+        # Read on the CPU: load_state_dict moves weights, optimizer and memory state to their
+        # device, and the random states must stay CPU tensors (see restore_rng_states).
+        state = load_checkpoint(path, map_location="cpu")
         import yaml  # yacs depends on PyYAML
 
         diffs = config_differences(yaml.safe_load(state["config"]), yaml.safe_load(self.cfg.dump()))
@@ -282,6 +287,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.best_metric = state["best_metric"]
+        self.skipped_steps = state.get("skipped_steps", 0)  # absent from checkpoints of xbm 0.1
         if self.memory is not None:
             self.memory.load_state_dict(state["memory"])
         if self.adapter is not None:
@@ -290,7 +296,8 @@ class Trainer:
             self.drift.load_state_dict(state["drift"])
         per_rank = state.get("rng_per_rank")
         same_world = per_rank is not None and len(per_rank) == self.world_size
-        restore_rng_states(per_rank[self.rank] if same_world else state["rng"])
+        for note in restore_rng_states(per_rank[self.rank] if same_world else state["rng"]):
+            self.logger.warning(f"resuming from {path}: {note}")
         self.iteration = state["iteration"]
         self.logger.info(f"resumed from {path} at iteration {self.iteration}")
         saved_world = state.get("world_size", 1)
@@ -335,11 +342,12 @@ class Trainer:
         batch_embeddings, batch_labels, own_rows = self._global_batch(embeddings, labels)
         if cfg.LOSS.INBATCH_WEIGHT > 0:
             if own_rows is None:
-                loss = self.criterion(embeddings, labels)
+                loss = self.criterion(embeddings, labels, check_values=False)
             else:
                 # This rank's anchors against the global batch, own pairs excluded: averaged over
                 # ranks by DDP, the gradient of the one-process loss on the global batch.
-                loss = self.criterion(embeddings, labels, batch_embeddings, batch_labels, ref_self_index=own_rows)
+                loss = self.criterion(embeddings, labels, batch_embeddings, batch_labels, ref_self_index=own_rows,
+                                      check_values=False)
             parts.update(_stats("inbatch", loss, self.criterion))
             total = cfg.LOSS.INBATCH_WEIGHT * loss
         if self.memory is not None:
@@ -351,29 +359,29 @@ class Trainer:
                 slots = slots[own_rows]
             if self.iteration >= cfg.XBM.START_ITERATION and cfg.XBM.WEIGHT > 0:
                 feats, mem_labels = self.memory.get()
-                loss = self.criterion(embeddings, labels, feats, mem_labels, ref_self_index=slots)
+                loss = self.criterion(embeddings, labels, feats, mem_labels, ref_self_index=slots, check_values=False)
                 parts.update(_stats("memory", loss, self.criterion))
                 total = cfg.XBM.WEIGHT * loss if total is None else total + cfg.XBM.WEIGHT * loss
         return total, parts
 
     def train_step(self, images, labels) -> dict:
-        images = images.to(self.device, non_blocking=True)
+        images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         labels = labels.to(self.device, non_blocking=True)
         # A step without a loss has no backward, which DDP would wait for: call the bare model.
         network = self.network if self._step_has_loss() else self.model
+        undo = self._undo_point(labels.shape[0] * self.world_size)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             embeddings = network(images)
         # Losses and the memory work in float32 whatever the network's precision.
         total, parts = self._loss(embeddings.float(), labels)
+        finite = torch.isfinite(embeddings).all()
         if total is not None:
-            if not all_ranks_true(torch.isfinite(total)):
-                value = total.item() if self.world_size == 1 else (
-                    f"non-finite on at least one of {self.world_size} ranks (rank {self.rank}: {total.item()})")
-                raise NonFiniteLossError(
-                    f"the loss became {value} at iteration {self.iteration}; training stopped before "
-                    f"this step changed any weight. The last good checkpoint is {self.checkpoint_path} "
-                    "(if one was saved); lower SOLVER.BASE_LR or set SOLVER.GRAD_CLIP and resume from it."
-                )
+            finite = finite & torch.isfinite(total)
+        # The step's one host synchronisation (an all-reduce under DDP: every rank skips alike).
+        if not all_ranks_true(finite):
+            self._skip_step(undo)
+        elif total is not None:
+            self.nonfinite_streak = 0
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(total).backward()
             if self.iteration < self.cfg.SOLVER.HEAD_WARMUP_ITERS:
@@ -385,8 +393,49 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             parts["loss/total"] = total.detach()
+        else:
+            self.nonfinite_streak = 0
         self._advance_schedule()
         return parts
+
+    # ------------------------------------------------------------------ skipped steps
+    def _undo_point(self, global_batch: int) -> tuple:
+        """What a step changes before its loss is known to be finite: the model's buffers
+        (BatchNorm statistics see the forward pass), the memory and the adapter's filters."""
+        buffers = list(self.model.buffers())
+        if self._buffer_backup is None:
+            self._buffer_backup = [torch.empty_like(b) for b in buffers]
+        copy_all(self._buffer_backup, buffers)
+        memory = adapter = None
+        if self.memory is not None:
+            adapting = self.adapter is not None and len(self.memory) > 0
+            memory = self.memory.undo_point(global_batch, adapting)
+            adapter = self.adapter.state_dict() if adapting else None
+        return self._buffer_backup, memory, adapter
+
+    def _skip_step(self, undo: tuple) -> None:
+        """Take back a step with a non-finite loss or embeddings, as GradScaler skips a step whose
+        gradients overflow: nothing it computed is kept. Stop after SOLVER.MAX_NONFINITE_STEPS in a row."""
+        buffers, memory, adapter = undo
+        copy_all(list(self.model.buffers()), buffers)
+        if memory is not None:
+            self.memory.restore_(memory)
+        if adapter is not None:
+            self.adapter.load_state_dict(adapter)
+        self.skipped_steps += 1
+        self.nonfinite_streak += 1
+        limit = self.cfg.SOLVER.MAX_NONFINITE_STEPS
+        where = "" if self.world_size == 1 else f" on at least one of {self.world_size} ranks"
+        self.logger.warning(f"iteration {self.iteration}: non-finite loss or embeddings{where}; step skipped "
+                            f"({self.nonfinite_streak} in a row, {self.skipped_steps} in all; the run stops at {limit} "
+                            "in a row)")
+        if self.nonfinite_streak >= limit:
+            first = self.iteration - self.nonfinite_streak + 1
+            raise NonFiniteLossError(
+                f"the loss was non-finite for {self.nonfinite_streak} steps in a row (iterations {first} to "
+                f"{self.iteration}); training stopped, and none of those steps changed any weight. The last good "
+                f"checkpoint is {self.checkpoint_path} (if one was saved); lower SOLVER.BASE_LR, set SOLVER.GRAD_CLIP "
+                "or SOLVER.AMP bf16/none, and resume from it.")
 
     def _advance_schedule(self) -> None:
         # The learning rate is a function of the iteration, and a step that updates no weight (memory
@@ -491,6 +540,9 @@ class Trainer:
             return
         values = {name: float(value) for name, value in parts.items()}
         values["lr"] = self.optimizer.param_groups[0]["lr"]
+        values["amp/skipped_steps"] = self.skipped_steps
+        if self.scaler.is_enabled():
+            values["amp/grad_scale"] = self.scaler.get_scale()  # reads the device: logging steps only
         if self.memory is not None:
             values["memory/fill"] = len(self.memory) / self.memory.size
         for name, value in values.items():
@@ -499,6 +551,16 @@ class Trainer:
             progress.set_postfix(loss=f"{values['loss/total']:.4f}")
         text = " ".join(f"{k}={v:.4g}" for k, v in values.items())
         self.logger.debug(f"iter {self.iteration}: {text}")
+
+
+@torch.no_grad()
+def copy_all(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+    """targets[i].copy_(sources[i]) for all i, in a few fused kernels where torch has them."""
+    if hasattr(torch, "_foreach_copy_"):
+        torch._foreach_copy_(targets, sources)
+    else:
+        for target, source in zip(targets, sources):
+            target.copy_(source)
 
 
 def _stats(prefix: str, loss: torch.Tensor, criterion) -> dict:

@@ -4,8 +4,10 @@ Two backends compute the same thing:
 
 * ``faiss``: faiss' brute-force inner-product kernel (the one behind
   ``IndexFlatIP``).  On CPU it is called through ``faiss.knn``, which reads
-  the gallery in place instead of copying it into an index; on CUDA data an
-  ``IndexFlatIP`` is moved to the GPU when faiss was built with GPU support.
+  the gallery in place instead of copying it into an index; on CUDA data a
+  GPU ``IndexFlatIP`` is built once when faiss was built with GPU support, and
+  the CUDA tensors are handed to it directly (``faiss.contrib.torch_utils``),
+  never copied to the host.
 * ``torch``: a chunked ``query @ gallery.T`` followed by ``topk`` on the
   tensors' own device (CPU or CUDA).
 
@@ -24,8 +26,10 @@ import torch
 
 try:
     import faiss
-except ImportError:  # faiss is optional; the torch backend covers everything
+    _FAISS_ERROR = None
+except ImportError as err:  # faiss is optional; the torch backend covers everything
     faiss = None
+    _FAISS_ERROR = str(err)
 
 BACKENDS = ("auto", "faiss", "torch")
 
@@ -110,6 +114,11 @@ def prepare_search(query, gallery=None, exclude_self: bool | None = None) -> Sea
     return problem
 
 
+def faiss_import_error() -> str | None:
+    """Why faiss cannot be imported here, or None when it can."""
+    return _FAISS_ERROR
+
+
 def resolve_backend(backend: str, device: torch.device, k: int) -> str:
     """Pick the backend that will run: 'faiss-cpu', 'faiss-gpu' or 'torch'."""
     if backend not in BACKENDS:
@@ -155,17 +164,18 @@ def _drop_self(sims: torch.Tensor, ids: torch.Tensor, self_ids: torch.Tensor, k:
             torch.where(after_self, ids[:, 1:], ids[:, :-1]))
 
 
-def _faiss_index(gallery: torch.Tensor, on_gpu: bool):
-    """An IndexFlatIP over the gallery, on the gallery's GPU if asked.
+def _faiss_gpu_index(gallery: torch.Tensor):
+    """A GPU IndexFlatIP over a CUDA gallery, filled from device memory.
 
     Returns (index, resources); the GPU resources must outlive the index.
     """
-    index = faiss.IndexFlatIP(gallery.shape[1])
-    resources = None
-    if on_gpu:
-        resources = faiss.StandardGpuResources()
-        index = faiss.index_cpu_to_gpu(resources, gallery.device.index or 0, index)
-    index.add(np.ascontiguousarray(gallery.cpu().numpy()))
+    import faiss.contrib.torch_utils  # noqa: F401  (lets faiss take CUDA tensors)
+
+    resources = faiss.StandardGpuResources()
+    config = faiss.GpuIndexFlatConfig()
+    config.device = gallery.device.index or 0
+    index = faiss.GpuIndexFlatIP(resources, gallery.shape[1], config)
+    index.add(gallery.contiguous())
     return index, resources
 
 
@@ -187,7 +197,7 @@ def iter_knn_chunks(problem: SearchProblem, k: int, backend: str = "auto",
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
 
     if engine == "faiss-gpu":
-        index, _resources = _faiss_index(g, on_gpu=True)
+        index, _resources = _faiss_gpu_index(g)
     elif engine == "faiss-cpu":
         g_np = np.ascontiguousarray(g.cpu().numpy())
 
@@ -202,14 +212,14 @@ def iter_knn_chunks(problem: SearchProblem, k: int, backend: str = "auto",
             sims, ids = torch.topk(block, k, dim=1, largest=True, sorted=True)
             del block
         else:
-            q_np = np.ascontiguousarray(q_chunk.cpu().numpy())
             if engine == "faiss-gpu":
-                sims_np, ids_np = index.search(q_np, k_search)
+                sims, ids = index.search(q_chunk.contiguous(), k_search)  # CUDA tensors in and out
             else:
+                q_np = np.ascontiguousarray(q_chunk.cpu().numpy())
                 sims_np, ids_np = faiss.knn(q_np, g_np, k_search, metric=faiss.METRIC_INNER_PRODUCT)
-            sims, ids = torch.from_numpy(sims_np), torch.from_numpy(ids_np)
+                sims, ids = torch.from_numpy(sims_np), torch.from_numpy(ids_np)
             if problem.exclude_self:
-                sims, ids = _drop_self(sims, ids, self_ids.cpu(), k)
+                sims, ids = _drop_self(sims, ids, self_ids.to(ids.device), k)
         yield start, sims, ids
 
 

@@ -241,6 +241,16 @@ def validate_pair_inputs(embeddings: Tensor, labels: Tensor, ref_embeddings: Ten
         _check_label_vector("ref_self_index", ref_self_index, batch, "embeddings")
 
 
+def _norm_flags(ref_norms: Tensor) -> tuple[Tensor, Tensor]:
+    """(every row norm finite, every row a unit vector within rounding) as 0-dim bool tensors.
+
+    A non-finite entry makes its row norm non-finite: one reduction over M instead of an
+    isfinite pass over the whole M x D memory."""
+    low, high = torch.aminmax(ref_norms)
+    tolerance = UNIT_NORM_TOLERANCE_EPS * torch.finfo(ref_norms.dtype).eps
+    return torch.isfinite(low) & torch.isfinite(high), (low >= 1 - tolerance) & (high <= 1 + tolerance)
+
+
 def _check_values(embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor | None,
                   ref_labels: Tensor | None, ref_self_index: Tensor | None,
                   ref_norms: Tensor | None) -> bool:
@@ -249,12 +259,7 @@ def _check_values(embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor | N
     Returns whether every reference row is a unit vector (within rounding)."""
     checks = [torch.isfinite(embeddings).all()]
     if ref_norms is not None:
-        # A non-finite entry makes its row norm non-finite: one reduction over M
-        # instead of an isfinite pass over the whole M x D memory.
-        low, high = torch.aminmax(ref_norms)
-        tolerance = UNIT_NORM_TOLERANCE_EPS * torch.finfo(ref_norms.dtype).eps
-        checks += [torch.isfinite(low) & torch.isfinite(high),
-                   (low >= 1 - tolerance) & (high <= 1 + tolerance)]
+        checks += list(_norm_flags(ref_norms))
     if ref_self_index is not None:
         size = ref_embeddings.shape[0]
         in_range = (ref_self_index >= -1) & (ref_self_index < size)
@@ -339,8 +344,9 @@ class PairLoss(nn.Module, metaclass=abc.ABCMeta):
       label. Without ``ref_self_index`` nothing is excluded.
     - ``self.last_stats`` holds ``{"pos_pairs", "neg_pairs"}``: 0-dim long tensors
       counting the active pairs of the last call (no host synchronisation).
-    - One call synchronises with the device twice (the input checks and the
-      same-label pair lookup); backward is first-order only.
+    - One call synchronises with the device for the input checks (skipped with
+      ``check_values=False``) and in the same-label pair lookup, whose output size
+      depends on the labels (``nonzero``); backward is first-order only.
     """
 
     def __init__(self) -> None:
@@ -355,7 +361,10 @@ class PairLoss(nn.Module, metaclass=abc.ABCMeta):
 
     def forward(self, embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor | None = None,
                 ref_labels: Tensor | None = None, *,
-                ref_self_index: Tensor | None = None) -> Tensor:
+                ref_self_index: Tensor | None = None, check_values: bool = True) -> Tensor:
+        """``check_values=False`` skips the data-dependent checks and their host synchronisation,
+        for a caller that vouches for its inputs (the trainer: finite embeddings, a memory and
+        ``ref_self_index`` it wrote itself); the loss value is then identical, bit for bit."""
         validate_pair_inputs(embeddings, labels, ref_embeddings, ref_labels, ref_self_index)
         device = embeddings.device
         labels = labels.to(device)
@@ -366,8 +375,11 @@ class PairLoss(nn.Module, metaclass=abc.ABCMeta):
             ref_norms = torch.linalg.vector_norm(ref_embeddings.detach(), dim=1)
         if ref_self_index is not None:
             ref_self_index = ref_self_index.to(device)
-        refs_are_unit = _check_values(embeddings, labels, ref_embeddings, ref_labels,
-                                      ref_self_index, ref_norms)
+        if check_values:
+            refs_are_unit = _check_values(embeddings, labels, ref_embeddings, ref_labels,
+                                          ref_self_index, ref_norms)
+        else:
+            refs_are_unit = None  # decided on the device below
 
         anchors = F.normalize(embeddings, dim=1, eps=NORM_EPS)
         if ref_embeddings is None:
@@ -378,6 +390,8 @@ class PairLoss(nn.Module, metaclass=abc.ABCMeta):
             if ref_embeddings.requires_grad:
                 # a differentiable reference: let autograd see its normalisation
                 refs, ref_inv_norm = F.normalize(ref_embeddings, dim=1, eps=NORM_EPS), None
+            elif refs_are_unit is None:
+                refs, ref_inv_norm = ref_embeddings, _unit_or_inverse_norms(ref_norms)
             elif refs_are_unit:
                 refs, ref_inv_norm = ref_embeddings, None
             else:
@@ -386,3 +400,12 @@ class PairLoss(nn.Module, metaclass=abc.ABCMeta):
             anchors, refs, ref_inv_norm, self.similarity_loss, pairs)
         self.last_stats = {"pos_pairs": pos_pairs, "neg_pairs": neg_pairs}
         return value
+
+
+def _unit_or_inverse_norms(ref_norms: Tensor) -> Tensor:
+    """The column scaling of the cosine without asking the host whether the rows are unit
+    vectors: exact ones when they all are (multiplying by 1.0 changes no bit, so the result is
+    that of the unscaled path), else the inverse norms."""
+    _, all_unit = _norm_flags(ref_norms)
+    inverse = ref_norms.clamp_min(NORM_EPS).reciprocal()
+    return torch.where(all_unit, torch.ones_like(inverse), inverse)

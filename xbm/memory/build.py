@@ -12,15 +12,19 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 _ADAPTERS = ("none", "xbn", "axbn", "ema")
 
 
-def build_memory(cfg: CfgNode, device: torch.device | str = "cpu") -> CrossBatchMemory | None:
-    """A CrossBatchMemory of XBM.SIZE x MODEL.HEAD.DIM in XBM.DTYPE, or None if XBM.ENABLE is off."""
+def build_memory(cfg: CfgNode, device: torch.device | str = "cpu", check_finite: bool = True) -> CrossBatchMemory | None:
+    """A CrossBatchMemory of XBM.SIZE x MODEL.HEAD.DIM in XBM.DTYPE, or None if XBM.ENABLE is off.
+
+    check_finite=False for a caller that checks the embeddings itself (the trainer folds that check
+    into its one host synchronisation per step)."""
     if not cfg.XBM.ENABLE:
         return None
     dtype_name = str(cfg.XBM.DTYPE).lower()
     if dtype_name not in _DTYPES:
         raise ValueError(f"XBM.DTYPE must be one of {sorted(_DTYPES)}, got {cfg.XBM.DTYPE!r}")
     return CrossBatchMemory(
-        size=int(cfg.XBM.SIZE), dim=int(cfg.MODEL.HEAD.DIM), device=device, dtype=_DTYPES[dtype_name]
+        size=int(cfg.XBM.SIZE), dim=int(cfg.MODEL.HEAD.DIM), device=device, dtype=_DTYPES[dtype_name],
+        check_finite=check_finite,
     )
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -12,6 +12,17 @@ Adapter = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # Keys added to the module's state_dict beside the two buffers.
 _POINTER_KEY = "pointer"
 _FILLED_KEY = "filled"
+
+
+class UndoPoint(NamedTuple):
+    """What one training step may overwrite: the ring counters and the rows it will touch."""
+
+    pointer: int
+    filled: int
+    slots: torch.Tensor  # the slots the next enqueue writes
+    feats: torch.Tensor  # their rows, or the whole buffer when the step also adapts the memory
+    labels: torch.Tensor
+    whole: bool
 
 
 class CrossBatchMemory(nn.Module):
@@ -126,6 +137,26 @@ class CrossBatchMemory(nn.Module):
         self._pointer = end % self.size
         self._filled = min(self.size, self._filled + batch)
         return indices
+
+    @torch.no_grad()
+    def undo_point(self, batch_size: int, adapting: bool) -> UndoPoint:
+        """A copy of what the next `adapt_` (if `adapting`) and `enqueue` of `batch_size` rows
+        change, so that a step found bad afterwards (a non-finite loss) can be taken back with
+        `restore_` without a host synchronisation before it: the rows the enqueue overwrites, or
+        the whole feature buffer when an adaptation rewrites every entry."""
+        slots = (torch.arange(batch_size, device=self.feats.device) + self._pointer) % self.size
+        feats = self.feats.clone() if adapting else self.feats[slots]
+        return UndoPoint(self._pointer, self._filled, slots, feats, self.labels[slots], adapting)
+
+    @torch.no_grad()
+    def restore_(self, point: UndoPoint) -> None:
+        """Put the memory back as it was when `point` was taken."""
+        if point.whole:
+            self.feats.copy_(point.feats)
+        else:
+            self.feats[point.slots] = point.feats
+        self.labels[point.slots] = point.labels
+        self._pointer, self._filled = point.pointer, point.filled
 
     @torch.no_grad()
     def adapt_(self, adapter: Adapter, batch_feats: torch.Tensor) -> None:

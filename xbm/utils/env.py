@@ -19,6 +19,11 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"MODEL.DEVICE is {name!r} but CUDA is not available here; use auto or cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError as err:
         raise ValueError(f"MODEL.DEVICE {name!r} is not a device; use auto, cpu, cuda or cuda:N") from err
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ValueError(f"MODEL.DEVICE is {name!r} but this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}; "
+                         "choose one of them, or cuda / auto")
+    return device

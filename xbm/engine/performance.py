@@ -1,0 +1,109 @@
+"""The speed switches of the config (PERF.*, SOLVER.AMP, TEST.KNN_BACKEND), checked before any
+data is read and applied to torch's backends and the model.
+
+Every check here raises ValueError with one sentence naming the key: a run that cannot use a
+setting on this machine says so at once instead of failing after the dataset is indexed.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+
+import torch
+
+AMP_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+logger = logging.getLogger("xbm")
+
+
+def amp_dtype(cfg, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of SOLVER.AMP on `device`, or None; ValueError where it cannot run."""
+    name = str(cfg.SOLVER.AMP).lower()
+    if name not in AMP_DTYPES:
+        raise ValueError(f"SOLVER.AMP {cfg.SOLVER.AMP!r} is not one of {tuple(AMP_DTYPES)}")
+    if name == "fp16" and device.type != "cuda":
+        raise ValueError(f"SOLVER.AMP fp16 needs a CUDA device and this run is on {device}; "
+                         "use bf16 (supported on the CPU) or none")
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"SOLVER.AMP bf16 is not supported by {torch.cuda.get_device_name(device)} "
+                         "(bfloat16 needs an Ampere or newer GPU); use fp16 or none")
+    return AMP_DTYPES[name]
+
+
+def check_compile(cfg, device: torch.device) -> None:
+    """PERF.COMPILE must name a backend torch.compile has, and inductor needs its compilers."""
+    backend = str(cfg.PERF.COMPILE)
+    if not backend:
+        return
+    import torch._dynamo
+
+    available = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in available:
+        raise ValueError(f"PERF.COMPILE {backend!r} is not a torch.compile backend here; "
+                         f"choose one of {sorted(available)} or '' (off)")
+    if backend != "inductor":
+        return
+    if device.type == "cpu" and shutil.which(os.environ.get("CXX", "g++")) is None:
+        raise ValueError("PERF.COMPILE inductor on the CPU needs a C++ compiler (g++, or $CXX) and none was "
+                         "found; install one, choose another backend, or set PERF.COMPILE ''")
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401  (inductor generates Triton kernels for CUDA)
+        except ImportError:
+            raise ValueError("PERF.COMPILE inductor on CUDA needs the triton package, which is not "
+                             "installed; pip install triton, or set PERF.COMPILE ''") from None
+
+
+def check_knn_backend(cfg) -> None:
+    """TEST.KNN_BACKEND faiss needs an importable faiss; auto falls back to torch, and says so."""
+    from ..evaluation.search import BACKENDS, faiss_import_error
+
+    backend = str(cfg.TEST.KNN_BACKEND)
+    if backend not in BACKENDS:
+        raise ValueError(f"TEST.KNN_BACKEND {backend!r} is not one of {BACKENDS}")
+    error = faiss_import_error()
+    if error is None:
+        return
+    if backend == "faiss":
+        raise ValueError(f"TEST.KNN_BACKEND faiss, but faiss cannot be imported ({error}); install it with "
+                         "pip install -e '.[cpu]' (or '.[gpu]'), or set TEST.KNN_BACKEND torch")
+    if backend == "auto":
+        logger.info(f"faiss cannot be imported ({error}): evaluation searches with torch")
+
+
+def check_runtime(cfg, device: torch.device) -> torch.dtype | None:
+    """All checks of the speed settings against this machine; returns the autocast dtype."""
+    dtype = amp_dtype(cfg, device)
+    check_compile(cfg, device)
+    check_knn_backend(cfg)
+    if cfg.DATA.PREFETCH_FACTOR < 1:
+        raise ValueError(f"DATA.PREFETCH_FACTOR must be at least 1, got {cfg.DATA.PREFETCH_FACTOR}")
+    return dtype
+
+
+def configure_backends(cfg) -> None:
+    """cuDNN autotuning, TF32 and determinism, as PERF asks (process-wide torch flags)."""
+    deterministic = bool(cfg.PERF.DETERMINISTIC)
+    if deterministic:
+        # cuBLAS reproducibility needs a fixed workspace, set before its first use.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = bool(cfg.PERF.CUDNN_BENCHMARK) and not deterministic
+    torch.backends.cuda.matmul.allow_tf32 = bool(cfg.PERF.TF32)
+    torch.backends.cudnn.allow_tf32 = bool(cfg.PERF.TF32)
+
+
+def memory_format(cfg) -> torch.memory_format:
+    return torch.channels_last if cfg.PERF.CHANNELS_LAST else torch.contiguous_format
+
+
+def compiled(network: torch.nn.Module, cfg) -> torch.nn.Module:
+    """`network` compiled with PERF.COMPILE's backend (the same module when it is off).
+
+    The compiled module shares the parameters and buffers of `network`: checkpoints and
+    evaluation keep using the plain model.
+    """
+    backend = str(cfg.PERF.COMPILE)
+    return torch.compile(network, backend=backend) if backend else network
