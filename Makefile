@@ -5,16 +5,23 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast gpu-check clean
 
-# Re-installs only when the package's requirements change.
-$(VENV)/.installed: setup.py requirements.txt
+# Which faiss to install: cpu (default) or gpu (`make gpu-check FAISS=gpu`). Never both: the two
+# packages install the same module, so switching uninstalls the other first.
+FAISS ?= cpu
+STAMP := $(VENV)/.installed-$(FAISS)
+
+# Re-installs only when the package's requirements (or the faiss choice) change.
+$(STAMP): setup.py requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install -e ".[dev]"
+	$(BIN)/python -m pip uninstall -y -q faiss-cpu faiss-gpu
+	$(BIN)/python -m pip install -e ".[$(FAISS),dev]"
+	rm -f $(VENV)/.installed-*
 	touch $@
 
-install: $(VENV)/.installed
+install: $(STAMP)
 
 demo: install
 	$(BIN)/python scripts/demo.py
@@ -25,6 +32,11 @@ test: install
 # Everything but the tests marked slow.
 test-fast: install
 	$(BIN)/python -m pytest tests -m "not slow"
+
+# On a machine with an NVIDIA GPU: the CUDA tests, AMP runs killed and resumed, GPU search, the memory
+# step and training throughput; summary in output/gpu_check/summary.json (exit 2 without CUDA).
+gpu-check: install
+	$(BIN)/python scripts/gpu_check.py --out output/gpu_check/summary.json
 
 clean:
 	rm -rf $(VENV) output *.egg-info

@@ -11,8 +11,11 @@ setup(
     packages=find_packages(include=["xbm", "xbm.*"]),
     install_requires=[line.strip() for line in open("requirements.txt") if line.strip() and not line.startswith("#")],
     extras_require={
-        # faiss with GPU indexes instead of faiss-cpu (install one of the two)
-        "gpu": ["faiss-gpu>=1.7.4"],
+        # Exactly one faiss: both packages install the module `faiss` and overwrite each other's
+        # files. Without either, evaluation searches with torch (and says so once).
+        "cpu": ["faiss-cpu>=1.7.4"],
+        # faiss with GPU indexes (CUDA 12 build with its own CUDA runtime wheels)
+        "gpu": ["faiss-gpu>=1.15"],
         "dev": ["pytest>=7"],
         # peers measured side by side in benchmarks/
         "bench": ["pytorch-metric-learning>=2.3"],

@@ -235,6 +235,7 @@ def test_recall_beyond_gallery_size_and_return_types():
     assert rec[1000] == pytest.approx(float((r > 0).mean()))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu():
     x, labels = random_set(9)

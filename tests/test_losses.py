@@ -605,6 +605,7 @@ def test_build_loss_rejects_unknown_name():
         build_loss(make_cfg("arcface"))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("cls,reference,kwargs", LOSS_CASES, ids=CASE_IDS)
 def test_cuda_matches_cpu(cls, reference, kwargs):

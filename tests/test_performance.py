@@ -202,3 +202,16 @@ def test_evaluation_shows_progress_and_keeps_embeddings_on_the_device(glyph_root
     dataset = trainer.evaluator.tasks["test"][0]
     feats, labels = compute_embeddings(trainer.model, dataset, "cpu", batch_size=64)
     assert feats.device.type == "cpu" and feats.shape == (len(dataset), 32) and labels.shape == (len(dataset),)
+
+
+def test_two_faiss_packages_in_one_environment_are_named(monkeypatch, caplog):
+    logger = logging.getLogger("xbm")
+    monkeypatch.setattr(logger, "handlers", [caplog.handler])
+    monkeypatch.setattr(performance, "installed_faiss_packages", lambda: ["faiss-cpu", "faiss-gpu"])
+    with caplog.at_level(logging.INFO, logger="xbm"):
+        performance.check_knn_backend(load_cfg(opts=[]))
+    assert caplog.records[0].levelname == "WARNING" and caplog.records[0].getMessage().startswith(
+        "faiss-cpu and faiss-gpu are both installed and overwrite each other's `faiss` module")
+    monkeypatch.undo()
+    # this environment itself has at most one (make installs the cpu extra)
+    assert len(performance.installed_faiss_packages()) <= 1

@@ -62,6 +62,11 @@ def check_knn_backend(cfg) -> None:
     backend = str(cfg.TEST.KNN_BACKEND)
     if backend not in BACKENDS:
         raise ValueError(f"TEST.KNN_BACKEND {backend!r} is not one of {BACKENDS}")
+    both = installed_faiss_packages()
+    if len(both) > 1:
+        logger.warning(f"{' and '.join(both)} are both installed and overwrite each other's `faiss` module; "
+                       "uninstall all but one (pip uninstall -y " + " ".join(both) + ", then pip install -e '.[cpu]' "
+                       "or '.[gpu]')")
     error = faiss_import_error()
     if error is None:
         return
@@ -70,6 +75,21 @@ def check_knn_backend(cfg) -> None:
                          "pip install -e '.[cpu]' (or '.[gpu]'), or set TEST.KNN_BACKEND torch")
     if backend == "auto":
         logger.info(f"faiss cannot be imported ({error}): evaluation searches with torch")
+
+
+def installed_faiss_packages() -> list[str]:
+    """The faiss distributions pip installed here (more than one is a broken install)."""
+    from importlib import metadata
+
+    names = ("faiss-cpu", "faiss-gpu", "faiss-gpu-cu11", "faiss-gpu-cu12", "faiss")
+    found = []
+    for name in names:
+        try:
+            metadata.distribution(name)
+            found.append(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
 
 
 def check_runtime(cfg, device: torch.device) -> torch.dtype | None:

@@ -18,6 +18,7 @@ nor an N x (k + 1) scratch result is ever held at once.
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -179,6 +180,18 @@ def _faiss_gpu_index(gallery: torch.Tensor):
     return index, resources
 
 
+@contextmanager
+def _full_precision_matmul():
+    """float32 products without TF32 inside: training may allow TF32 (PERF.TF32), whose 10-bit
+    inputs are fine for gradients but move similarities by ~1e-3, enough to reorder near ties."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def iter_knn_chunks(problem: SearchProblem, k: int, backend: str = "auto",
                     chunk_size: int | None = None
                     ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
@@ -205,7 +218,8 @@ def iter_knn_chunks(problem: SearchProblem, k: int, backend: str = "auto",
         q_chunk = q[start:start + chunk_size]
         self_ids = torch.arange(start, start + q_chunk.shape[0], device=q.device)
         if engine == "torch":
-            block = q_chunk @ g.T
+            with _full_precision_matmul():
+                block = q_chunk @ g.T
             if problem.exclude_self:
                 # Mask self instead of searching k + 1: exact even with duplicates.
                 block[torch.arange(q_chunk.shape[0], device=q.device), self_ids] = -float("inf")
