@@ -40,3 +40,15 @@ def test_bench_eval_quick_every_method_gets_the_same_metrics():
     r1 = dict(re.findall(r"^\| (\w+) \| [0-9.]+ \| [0-9.]+x \| \d+ \| .*?R@1 ([0-9.]+)", out, re.M))
     assert {"xbm_faiss", "xbm_torch", "xbm_faiss_small"} <= set(r1), out
     assert len(set(r1.values())) == 1, r1  # every exact search finds the same neighbours
+
+
+@pytest.mark.slow
+def test_bench_train_throughput_times_each_setting_against_fp32():
+    out = run_benchmark("bench_train_throughput.py", "--device", "cpu", "--backbones", "resnet18", "--size", "32",
+                        "--batch", "8", "--steps", "1", "--warmup", "0", "--settings", "fp32", "amp",
+                        "--memory", "16", "--dim", "8")
+    rows = re.findall(r"^\| resnet18 \| (\w+) \| (\w+) \| ([0-9.]+) \| ([0-9.]+)x \|$", out, re.M)
+    assert [(setting, amp) for setting, amp, _, _ in rows] == [("fp32", "none"), ("amp", "bf16")]
+    fp32, amp = (float(rate) for _, _, rate, _ in rows)
+    # the printed rates are rounded to 0.1 image/s, the ratio is computed before rounding
+    assert float(rows[0][3]) == 1.0 and float(rows[1][3]) == pytest.approx(amp / fp32, rel=0.05, abs=0.01)

@@ -220,3 +220,24 @@ def test_torchrun_writes_one_set_of_outputs_and_a_stopped_run_resumes_exactly(gl
     assert [r["iteration"] for r in resumed_records] == [10, 20]
     for key in ("R@1", "R@10", "MAP@R"):
         assert resumed_records[-1][key] == pytest.approx(records[-1][key], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_torchrun_trains_with_bf16_autocast(glyph_root, tmp_path):
+    """SOLVER.AMP bf16 under two gloo processes: every rank skips or steps alike (one all-reduce)."""
+    out = tmp_path / "bf16"
+    opts = _opts(glyph_root, out, "SOLVER.AMP", "bf16", "SOLVER.MAX_ITERS", "6", "XBM.START_ITERATION", "2",
+                 "SOLVER.LOG_PERIOD", "3")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(WORLD),
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "tools/train_net.py",
+               "--cfg", "configs/glyphs_xbn.yaml", *opts]
+    proc = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    state = load_checkpoint(str(out / "checkpoints" / "last.pth"))
+    assert state["iteration"] == 6 and state["skipped_steps"] == 0
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    (record,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert 0 < record["R@1"] <= 1
+    log = (out / "log.txt").read_text()
+    assert "amp/skipped_steps=0" in log and "global batch 16" in log
