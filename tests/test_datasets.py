@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from scripts_loader import load_script
 
 from xbm.data.datasets.base import DatasetFormatError, contiguous_labels
 from xbm.data.datasets.cars196 import Cars196
@@ -401,10 +402,99 @@ def test_deepfashion2_bad_json_named(tmp_path):
 
 
 def test_deepfashion2_missing_annotations(tmp_path):
+    make_df2(tmp_path / "df2")
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(FileNotFoundError) as err:
+        DeepFashion2(tmp_path / "elsewhere", "train")
+    assert str(tmp_path / "elsewhere" / "train" / "annos") in str(err.value)
+    assert DeepFashion2.DOWNLOAD_URL in str(err.value) and "did you mean" not in str(err.value)
+
+
+# The official format of the retrieval ground truth, written out by hand: every item of the
+# validation set with its (pair_id, style); the official evaluation matches a query to the
+# gallery items of the same pair_id and style > 0, whatever their categories.
+OFFICIAL_VALIDATION = {
+    # image: (source, pair_id, [(category_id, style), ...])
+    "000001": ("user", 7, [(1, 1), (8, 2), (9, 0)]),
+    "000002": ("shop", 7, [(1, 1), (7, 2)]),   # (7, 2) is trousers (8) for the user, shorts (7) here
+    "000003": ("shop", 7, [(8, 0)]),           # same pair and category as a query, but style 0
+    "000004": ("user", 8, [(3, 1)]),           # (8, 1) has no shop item: dropped from the queries
+    "000005": ("shop", 8, [(3, 2)]),
+    "000006": ("user", 9, [(10, 1), (11, 1)]),  # two items of one identity in one user image
+    "000007": ("shop", 9, [(11, 1)]),
+}
+
+
+def item_box(image: str, item: int) -> list[int]:
+    """A distinct box per item, so an item can be told from its image path and box."""
+    return [item, int(image) % 7, 20 + item, 20 + int(image) % 7]
+
+
+def write_official_df2(root: Path, subset: str, images: dict) -> None:
+    for image, (source, pair_id, items) in images.items():
+        write_df2_image(root, subset, image, source, pair_id,
+                        [df2_item(cat, style, item_box(image, n)) for n, (cat, style) in enumerate(items, start=1)])
+
+
+def df2_items(ds) -> list[tuple[str, int]]:
+    """(image, item number) of every entry, recovered from its path and box."""
+    out = []
+    for path, box in zip(ds.paths, ds.boxes):
+        image = Path(str(path)).stem
+        out.append((image, int(box[0])))
+        assert list(box) == item_box(image, int(box[0]))
+    return out
+
+
+def test_deepfashion2_identity_is_pair_and_style_as_the_official_evaluation(tmp_path):
+    write_official_df2(tmp_path, "validation", OFFICIAL_VALIDATION)
+    write_official_df2(tmp_path, "train", {"000001": ("user", 1, [(1, 1), (2, 0)]),
+                                           "000002": ("shop", 1, [(5, 1), (1, 2)])})
+    query, gallery = DeepFashion2(tmp_path, "query"), DeepFashion2(tmp_path, "gallery")
+    assert df2_items(query) == [("000001", 1), ("000001", 2), ("000006", 1), ("000006", 2)]
+    assert df2_items(gallery) == [("000002", 1), ("000002", 2), ("000003", 1), ("000005", 1), ("000007", 1)]
+    expected_positives = {
+        ("000001", 1): {("000002", 1)},
+        ("000001", 2): {("000002", 2)},  # different categories, same (pair_id, style): a match
+        ("000006", 1): {("000007", 1)},
+        ("000006", 2): {("000007", 1)},
+    }
+    gallery_items = df2_items(gallery)
+    for q_item, q_label in zip(df2_items(query), query.labels):
+        positives = {g for g, g_label in zip(gallery_items, gallery.labels) if g_label == q_label}
+        assert positives == expected_positives[q_item], q_item
+    style0 = gallery_items.index(("000003", 1))
+    assert (gallery.labels == gallery.labels[style0]).sum() == 1  # the style-0 item matches nothing
+    # train: (pair 1, style 1) has a top (1) on the user side and a shirt (5) on the shop side
+    train = DeepFashion2(tmp_path, "train")
+    assert df2_items(train) == [("000001", 1), ("000002", 1), ("000002", 2)]
+    assert train.labels.tolist() == [0, 0, 1]
+
+
+def test_prepare_deepfashion2_reports_multi_category_identities(tmp_path, capsys):
+    write_official_df2(tmp_path, "validation", OFFICIAL_VALIDATION)
+    write_official_df2(tmp_path, "train", {"000001": ("user", 1, [(1, 1)]), "000002": ("shop", 1, [(5, 1)])})
+    assert load_script("prepare_deepfashion2").main(["--root", str(tmp_path), "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "query: 4 items, 3 labels" in out and "gallery: 5 items, 5 labels" in out
+    # user items with style > 0: 000001 x2, 000004, 000006 x2; (7, 2) spans only the trousers among
+    # them, (9, 1) spans categories 10 and 11: one identity, two of the five query items
+    assert "query identities spanning several categories: 1 (2 of 5 query items)" in out
+
+
+def test_deepfashion2_reads_json_with_byte_order_mark(tmp_path):
+    make_df2(tmp_path)
+    for json_file in (tmp_path / "validation" / "annos").glob("*.json"):
+        json_file.write_bytes(b"\xef\xbb\xbf" + json_file.read_bytes())
+    assert len(DeepFashion2(tmp_path, "gallery")) == 3
+
+
+def test_deepfashion2_root_one_level_below(tmp_path):
     make_df2(tmp_path)
     with pytest.raises(FileNotFoundError) as err:
         DeepFashion2(tmp_path / "train", "train")
-    assert "annos" in str(err.value) and DeepFashion2.DOWNLOAD_URL in str(err.value)
+    assert str(err.value).endswith(f"did you mean DATA.ROOT {tmp_path}?")
+    assert str(tmp_path / "train" / "annos") in str(err.value)
 
 
 # -- generic list ---------------------------------------------------------------------------------
