@@ -272,6 +272,136 @@ def test_cars_bad_mat_file(tmp_path):
         Cars196(tmp_path, "train")
 
 
+# (classification split, file name, class) of the devkit layout: classes 1, 98 (train classes) and
+# 99, 196 (test classes) occur in both of the devkit's files
+CARS_DEVKIT = [("train", "00001.jpg", 1), ("train", "00002.jpg", 99), ("train", "00003.jpg", 196),
+               ("train", "00004.jpg", 98), ("test", "00001.jpg", 98), ("test", "00002.jpg", 1),
+               ("test", "00003.jpg", 196), ("test", "00004.jpg", 150)]
+
+
+def devkit_annotations(rows, with_class=True) -> np.ndarray:
+    """An `annotations` struct array with the devkit's fields, in the devkit's field order."""
+    fields = ["bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "fname"]
+    if not with_class:  # devkit/cars_test_annos.mat: the same without the class
+        fields.remove("class")
+    annotations = np.zeros((1, len(rows)), dtype=[(f, "O") for f in fields])
+    for i, (name, cls) in enumerate(rows):
+        values = {"bbox_x1": np.uint8(5), "bbox_y1": np.uint8(6), "bbox_x2": np.uint16(300),
+                  "bbox_y2": np.uint16(200), "class": np.uint8(cls), "fname": name}
+        for field in fields:
+            value = values[field]
+            annotations[0, i][field] = np.array([value]) if field == "fname" else np.array([[value]])
+    return annotations
+
+
+def make_cars_devkit(root: Path, test_file="devkit/cars_test_annos_withlabels.mat", nested=False) -> None:
+    from scipy.io import savemat
+
+    for part in ("train", "test"):
+        rows = [(name, cls) for split, name, cls in CARS_DEVKIT if split == part]
+        folder = root / f"cars_{part}" / (f"cars_{part}" if nested else "")
+        for name, _ in rows:
+            write_image(folder / name)
+        target = root / ("devkit/cars_train_annos.mat" if part == "train" else test_file)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        savemat(target, {"annotations": devkit_annotations(rows)})
+    unlabelled = devkit_annotations([(name, 0) for split, name, _ in CARS_DEVKIT if split == "test"], False)
+    savemat(root / "devkit" / "cars_test_annos.mat", {"annotations": unlabelled})
+    class_names = np.array([[np.array([f"Car {i}"]) for i in range(1, 197)]], dtype=object)
+    savemat(root / "devkit" / "cars_meta.mat", {"class_names": class_names})
+
+
+def test_cars_devkit_layout_split_by_class_over_both_files(tmp_path):
+    make_cars_devkit(tmp_path)
+    train, test = Cars196(tmp_path, "train"), Cars196(tmp_path, "test")
+    assert train.layout() == "devkit"
+    assert [str(p) for p in train.paths] == ["cars_train/00001.jpg", "cars_train/00004.jpg",
+                                            "cars_test/00001.jpg", "cars_test/00002.jpg"]
+    assert train.labels.tolist() == [0, 1, 1, 0]  # classes 1, 98, 98, 1
+    assert [str(p) for p in test.paths] == ["cars_train/00002.jpg", "cars_train/00003.jpg",
+                                           "cars_test/00003.jpg", "cars_test/00004.jpg"]
+    assert test.labels.tolist() == [0, 2, 2, 1]  # classes 99, 196, 196, 150
+    assert test[3][0].size == (40, 30)  # whole image, no bounding-box crop
+
+
+def test_cars_both_layouts_give_the_same_classes(tmp_path):
+    make_cars_devkit(tmp_path / "devkit_layout")
+    classes = [cls for _, _, cls in CARS_DEVKIT]
+    make_cars(tmp_path / "all_in_one", classes=classes, tests=[int(s == "test") for s, _, _ in CARS_DEVKIT])
+    for split in ("train", "test"):
+        devkit = Cars196(tmp_path / "devkit_layout", split)
+        all_in_one = Cars196(tmp_path / "all_in_one", split)
+        assert all_in_one.layout() == "all-in-one"
+        assert sorted(devkit.labels.tolist()) == sorted(all_in_one.labels.tolist())
+
+
+@pytest.mark.parametrize("where", ["cars_test_annos_withlabels.mat", "devkit/cars_test_annos_withlabels.mat"])
+def test_cars_devkit_labelled_test_file_in_devkit_or_beside_it(tmp_path, where):
+    make_cars_devkit(tmp_path, test_file=where)
+    assert len(Cars196(tmp_path, "test")) == 4
+
+
+def test_cars_devkit_kaggle_nested_image_folders(tmp_path):
+    make_cars_devkit(tmp_path, nested=True)
+    test = Cars196(tmp_path, "test")
+    assert str(test.paths[0]) == "cars_train/cars_train/00002.jpg"
+    assert str(test.paths[-1]) == "cars_test/cars_test/00004.jpg"
+    assert test[0][0].size == (40, 30)
+
+
+def test_cars_devkit_without_labelled_test_file(tmp_path):
+    make_cars_devkit(tmp_path)
+    (tmp_path / "devkit" / "cars_test_annos_withlabels.mat").unlink()
+    with pytest.raises(FileNotFoundError) as err:
+        Cars196(tmp_path, "train")
+    message = str(err.value)
+    assert str(tmp_path / "devkit" / "cars_test_annos_withlabels.mat") in message
+    assert "cars_test_annos.mat has no class labels" in message and "pytorch/vision/issues/7545" in message
+
+
+HTML_PAGE = b"<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head><body>Not Found</body></html>\n"
+
+
+def test_cars_html_instead_of_mat_is_one_sentence(tmp_path):
+    make_cars(tmp_path)
+    (tmp_path / "cars_annos.mat").write_bytes(HTML_PAGE)
+    with pytest.raises(DatasetFormatError) as err:
+        Cars196(tmp_path, "train")
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / 'cars_annos.mat'} is an HTML page")
+    assert "download failed" in message and "https://github.com/pytorch/vision/issues/7545" in message
+    assert message.count(". ") == 0 and message.count(";") == 1
+
+
+def test_cars_html_annos_next_to_a_devkit_reads_the_devkit(tmp_path):
+    make_cars_devkit(tmp_path)
+    (tmp_path / "cars_annos.mat").write_bytes(HTML_PAGE)
+    assert Cars196(tmp_path, "train").layout() == "devkit"
+    assert len(Cars196(tmp_path, "train")) == 4
+
+
+def test_cars_html_devkit_file_named(tmp_path):
+    make_cars_devkit(tmp_path)
+    (tmp_path / "devkit" / "cars_train_annos.mat").write_bytes(b"  " + HTML_PAGE)
+    with pytest.raises(DatasetFormatError, match="cars_train_annos.mat is an HTML page"):
+        Cars196(tmp_path, "test")
+
+
+def test_cars_no_annotation_file_names_both_layouts(tmp_path):
+    write_image(tmp_path / "car_ims" / "000001.jpg")
+    with pytest.raises(FileNotFoundError) as err:
+        Cars196(tmp_path, "train")
+    message = str(err.value)
+    assert str(tmp_path / "cars_annos.mat") in message and "devkit/cars_train_annos.mat" in message
+    assert Cars196.DOWNLOAD_URL in message
+
+
+def test_cars_class_out_of_range_named(tmp_path):
+    make_cars(tmp_path, classes=(1, 197), tests=(0, 0))
+    with pytest.raises(DatasetFormatError, match=r"cars_annos.mat annotation 2: class .*197.* not an integer in 1..196"):
+        Cars196(tmp_path, "train")
+
+
 # -- VehicleID ------------------------------------------------------------------------------------
 def make_vehicleid(root: Path) -> dict[int, list[str]]:
     """Ids 1-3 in the small test, 1-5 in medium, 1-6 in large; id 6 has one image."""
