@@ -669,3 +669,99 @@ def test_contiguous_labels_brute_force():
     labels = contiguous_labels(keys, keys)
     distinct = sorted(set(keys))
     assert labels.tolist() == [distinct.index(k) for k in keys]
+
+
+# -- list files saved with a UTF-8 byte-order mark, DATA.ROOT one level off ---------------------------
+def make_list_folder(root: Path) -> None:
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        write_image(root / "imgs" / name)
+    write_text(root / "train.txt", ["imgs/a.jpg,4", "imgs/b.jpg,4", "imgs/c.jpg,2"])
+    write_text(root / "test.txt", ["imgs/c.jpg,1"])
+
+
+# name -> (writer of the dataset tree, reader, a split, its list files, a sub-folder of the dataset)
+READERS = {
+    "sop": (make_sop, SOP, "train", ["Ebay_train.txt", "Ebay_test.txt"], "bicycle_final"),
+    "cub": (make_cub, CUB200, "train", ["images.txt", "image_class_labels.txt"], "images"),
+    "inshop": (make_inshop, InShop, "query", ["Eval/list_eval_partition.txt"], "img"),
+    "vehicleid": (make_vehicleid, VehicleID, "query_small", ["train_test_split/test_list_800.txt"], "image"),
+    "list": (make_list_folder, ListDataset, "train", ["train.txt"], "imgs"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(READERS))
+def test_list_files_with_byte_order_mark_read_as_without(tmp_path, name):
+    make, reader, split, list_files, _ = READERS[name]
+    make(tmp_path / "plain")
+    make(tmp_path / "bom")
+    for list_file in list_files:
+        path = tmp_path / "bom" / list_file
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # what Notepad's "UTF-8 with BOM" writes
+        assert path.read_text(encoding="utf-8").startswith("\ufeff")
+    plain, bom = reader(tmp_path / "plain", split), reader(tmp_path / "bom", split)
+    assert len(bom) == len(plain) > 0
+    assert [str(p) for p in bom.paths] == [str(p) for p in plain.paths]
+    assert bom.labels.tolist() == plain.labels.tolist()
+
+
+@pytest.mark.parametrize("name", sorted(READERS))
+def test_root_one_level_above_names_the_dataset_folder(tmp_path, name):
+    make, reader, split, list_files, _ = READERS[name]
+    make(tmp_path / "datasets" / "the_dataset")
+    with pytest.raises(FileNotFoundError) as err:
+        reader(tmp_path / "datasets", split)
+    message = str(err.value)
+    assert message.endswith(f"did you mean DATA.ROOT {tmp_path / 'datasets' / 'the_dataset'}?")
+    assert str(tmp_path / "datasets" / "the_dataset") in message.split(" exists;")[0]  # where it was found
+    assert message.count("?") == 1 and "\n" not in message
+
+
+@pytest.mark.parametrize("name", sorted(READERS))
+def test_root_one_level_below_names_the_dataset_folder(tmp_path, name):
+    make, reader, split, _, subfolder = READERS[name]
+    make(tmp_path / "the_dataset")
+    assert (tmp_path / "the_dataset" / subfolder).is_dir()
+    with pytest.raises(FileNotFoundError) as err:
+        reader(tmp_path / "the_dataset" / subfolder, split)
+    assert str(err.value).endswith(f"did you mean DATA.ROOT {tmp_path / 'the_dataset'}?")
+
+
+def test_cars_root_one_level_off_in_either_layout(tmp_path):
+    make_cars(tmp_path / "all_in_one" / "cars")
+    make_cars_devkit(tmp_path / "devkit_layout" / "stanford_cars")
+    with pytest.raises(FileNotFoundError, match=r"cars_annos.mat exists; did you mean DATA.ROOT .*all_in_one/cars\?$"):
+        Cars196(tmp_path / "all_in_one", "train")
+    with pytest.raises(FileNotFoundError) as err:
+        Cars196(tmp_path / "devkit_layout" / "stanford_cars" / "devkit", "train")
+    assert str(err.value).endswith(f"did you mean DATA.ROOT {tmp_path / 'devkit_layout' / 'stanford_cars'}?")
+
+
+def test_root_off_through_build_dataset(tmp_path):
+    from xbm.config import get_cfg
+    from xbm.data.datasets import build_dataset
+
+    make_cub(tmp_path / "CUB_200_2011")
+    cfg = get_cfg()
+    cfg.DATA.NAME, cfg.DATA.ROOT = "cub200", str(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"images.txt exists; did you mean DATA.ROOT .*CUB_200_2011\?$"):
+        build_dataset(cfg, "train")
+    cfg.DATA.ROOT = str(tmp_path / "CUB_200_2011")
+    assert len(build_dataset(cfg, "train")) == 3
+
+
+def test_sop_header_with_byte_order_mark(tmp_path):
+    """The header check was what failed: '\ufeffimage_id' is not 'image_id'."""
+    make_sop(tmp_path)
+    path = tmp_path / "Ebay_train.txt"
+    path.write_text("\ufeff" + path.read_text(encoding="utf-8"), encoding="utf-8")
+    assert len(SOP(tmp_path, "train")) == 5
+
+
+def test_cub_first_id_with_byte_order_mark(tmp_path):
+    """'\ufeff1' is not an integer: the first image id was what failed."""
+    make_cub(tmp_path)
+    for name in ("images.txt", "image_class_labels.txt"):
+        path = tmp_path / name
+        path.write_text(path.read_text(encoding="utf-8"), encoding="utf-8-sig")
+    train = CUB200(tmp_path, "train")
+    assert str(train.paths[0]) == "001.Black_footed_Albatross/A_0001.jpg" and train.labels.tolist() == [0, 0, 1]
