@@ -19,7 +19,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from xbm.data.datasets.deepfashion2 import SUBSETS, DeepFashion2, build_index  # noqa: E402
+from xbm.data.datasets.deepfashion2 import (  # noqa: E402
+    SUBSETS,
+    DeepFashion2,
+    build_index,
+    identity,
+    multi_category_identities,
+    read_index,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,7 +59,19 @@ def main(argv=None) -> int:
     for split in DeepFashion2.SPLITS:
         dataset = DeepFashion2(root, split, index_dir=index_dir)
         print(f"{split}: {len(dataset)} items, {len(set(dataset.labels.tolist()))} labels")
+    print(describe_query_identities(read_index(out / "validation.tsv")))
     return 0
+
+
+def describe_query_identities(rows) -> str:
+    """How many query identities (pair_id, style) span several categories: one line for the log."""
+    queries = [row for row in rows if row.source == "user" and row.style > 0]
+    mixed = multi_category_identities(queries)
+    covered = sum(identity(row) in mixed for row in queries)
+    return (
+        f"query identities spanning several categories: {len(mixed)} ({covered} of {len(queries)} query items); "
+        "each is one identity (pair_id, style), as in the official DeepFashion2 retrieval evaluation"
+    )
 
 
 if __name__ == "__main__":

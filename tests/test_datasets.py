@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from scripts_loader import load_script
 
 from xbm.data.datasets.base import DatasetFormatError, contiguous_labels
 from xbm.data.datasets.cars196 import Cars196
@@ -271,6 +272,136 @@ def test_cars_bad_mat_file(tmp_path):
         Cars196(tmp_path, "train")
 
 
+# (classification split, file name, class) of the devkit layout: classes 1, 98 (train classes) and
+# 99, 196 (test classes) occur in both of the devkit's files
+CARS_DEVKIT = [("train", "00001.jpg", 1), ("train", "00002.jpg", 99), ("train", "00003.jpg", 196),
+               ("train", "00004.jpg", 98), ("test", "00001.jpg", 98), ("test", "00002.jpg", 1),
+               ("test", "00003.jpg", 196), ("test", "00004.jpg", 150)]
+
+
+def devkit_annotations(rows, with_class=True) -> np.ndarray:
+    """An `annotations` struct array with the devkit's fields, in the devkit's field order."""
+    fields = ["bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "fname"]
+    if not with_class:  # devkit/cars_test_annos.mat: the same without the class
+        fields.remove("class")
+    annotations = np.zeros((1, len(rows)), dtype=[(f, "O") for f in fields])
+    for i, (name, cls) in enumerate(rows):
+        values = {"bbox_x1": np.uint8(5), "bbox_y1": np.uint8(6), "bbox_x2": np.uint16(300),
+                  "bbox_y2": np.uint16(200), "class": np.uint8(cls), "fname": name}
+        for field in fields:
+            value = values[field]
+            annotations[0, i][field] = np.array([value]) if field == "fname" else np.array([[value]])
+    return annotations
+
+
+def make_cars_devkit(root: Path, test_file="devkit/cars_test_annos_withlabels.mat", nested=False) -> None:
+    from scipy.io import savemat
+
+    for part in ("train", "test"):
+        rows = [(name, cls) for split, name, cls in CARS_DEVKIT if split == part]
+        folder = root / f"cars_{part}" / (f"cars_{part}" if nested else "")
+        for name, _ in rows:
+            write_image(folder / name)
+        target = root / ("devkit/cars_train_annos.mat" if part == "train" else test_file)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        savemat(target, {"annotations": devkit_annotations(rows)})
+    unlabelled = devkit_annotations([(name, 0) for split, name, _ in CARS_DEVKIT if split == "test"], False)
+    savemat(root / "devkit" / "cars_test_annos.mat", {"annotations": unlabelled})
+    class_names = np.array([[np.array([f"Car {i}"]) for i in range(1, 197)]], dtype=object)
+    savemat(root / "devkit" / "cars_meta.mat", {"class_names": class_names})
+
+
+def test_cars_devkit_layout_split_by_class_over_both_files(tmp_path):
+    make_cars_devkit(tmp_path)
+    train, test = Cars196(tmp_path, "train"), Cars196(tmp_path, "test")
+    assert train.layout() == "devkit"
+    assert [str(p) for p in train.paths] == ["cars_train/00001.jpg", "cars_train/00004.jpg",
+                                            "cars_test/00001.jpg", "cars_test/00002.jpg"]
+    assert train.labels.tolist() == [0, 1, 1, 0]  # classes 1, 98, 98, 1
+    assert [str(p) for p in test.paths] == ["cars_train/00002.jpg", "cars_train/00003.jpg",
+                                           "cars_test/00003.jpg", "cars_test/00004.jpg"]
+    assert test.labels.tolist() == [0, 2, 2, 1]  # classes 99, 196, 196, 150
+    assert test[3][0].size == (40, 30)  # whole image, no bounding-box crop
+
+
+def test_cars_both_layouts_give_the_same_classes(tmp_path):
+    make_cars_devkit(tmp_path / "devkit_layout")
+    classes = [cls for _, _, cls in CARS_DEVKIT]
+    make_cars(tmp_path / "all_in_one", classes=classes, tests=[int(s == "test") for s, _, _ in CARS_DEVKIT])
+    for split in ("train", "test"):
+        devkit = Cars196(tmp_path / "devkit_layout", split)
+        all_in_one = Cars196(tmp_path / "all_in_one", split)
+        assert all_in_one.layout() == "all-in-one"
+        assert sorted(devkit.labels.tolist()) == sorted(all_in_one.labels.tolist())
+
+
+@pytest.mark.parametrize("where", ["cars_test_annos_withlabels.mat", "devkit/cars_test_annos_withlabels.mat"])
+def test_cars_devkit_labelled_test_file_in_devkit_or_beside_it(tmp_path, where):
+    make_cars_devkit(tmp_path, test_file=where)
+    assert len(Cars196(tmp_path, "test")) == 4
+
+
+def test_cars_devkit_kaggle_nested_image_folders(tmp_path):
+    make_cars_devkit(tmp_path, nested=True)
+    test = Cars196(tmp_path, "test")
+    assert str(test.paths[0]) == "cars_train/cars_train/00002.jpg"
+    assert str(test.paths[-1]) == "cars_test/cars_test/00004.jpg"
+    assert test[0][0].size == (40, 30)
+
+
+def test_cars_devkit_without_labelled_test_file(tmp_path):
+    make_cars_devkit(tmp_path)
+    (tmp_path / "devkit" / "cars_test_annos_withlabels.mat").unlink()
+    with pytest.raises(FileNotFoundError) as err:
+        Cars196(tmp_path, "train")
+    message = str(err.value)
+    assert str(tmp_path / "devkit" / "cars_test_annos_withlabels.mat") in message
+    assert "cars_test_annos.mat has no class labels" in message and "pytorch/vision/issues/7545" in message
+
+
+HTML_PAGE = b"<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head><body>Not Found</body></html>\n"
+
+
+def test_cars_html_instead_of_mat_is_one_sentence(tmp_path):
+    make_cars(tmp_path)
+    (tmp_path / "cars_annos.mat").write_bytes(HTML_PAGE)
+    with pytest.raises(DatasetFormatError) as err:
+        Cars196(tmp_path, "train")
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / 'cars_annos.mat'} is an HTML page")
+    assert "download failed" in message and "https://github.com/pytorch/vision/issues/7545" in message
+    assert message.count(". ") == 0 and message.count(";") == 1
+
+
+def test_cars_html_annos_next_to_a_devkit_reads_the_devkit(tmp_path):
+    make_cars_devkit(tmp_path)
+    (tmp_path / "cars_annos.mat").write_bytes(HTML_PAGE)
+    assert Cars196(tmp_path, "train").layout() == "devkit"
+    assert len(Cars196(tmp_path, "train")) == 4
+
+
+def test_cars_html_devkit_file_named(tmp_path):
+    make_cars_devkit(tmp_path)
+    (tmp_path / "devkit" / "cars_train_annos.mat").write_bytes(b"  " + HTML_PAGE)
+    with pytest.raises(DatasetFormatError, match="cars_train_annos.mat is an HTML page"):
+        Cars196(tmp_path, "test")
+
+
+def test_cars_no_annotation_file_names_both_layouts(tmp_path):
+    write_image(tmp_path / "car_ims" / "000001.jpg")
+    with pytest.raises(FileNotFoundError) as err:
+        Cars196(tmp_path, "train")
+    message = str(err.value)
+    assert str(tmp_path / "cars_annos.mat") in message and "devkit/cars_train_annos.mat" in message
+    assert Cars196.DOWNLOAD_URL in message
+
+
+def test_cars_class_out_of_range_named(tmp_path):
+    make_cars(tmp_path, classes=(1, 197), tests=(0, 0))
+    with pytest.raises(DatasetFormatError, match=r"cars_annos.mat annotation 2: class .*197.* integer in 1..196"):
+        Cars196(tmp_path, "train")
+
+
 # -- VehicleID ------------------------------------------------------------------------------------
 def make_vehicleid(root: Path) -> dict[int, list[str]]:
     """Ids 1-3 in the small test, 1-5 in medium, 1-6 in large; id 6 has one image."""
@@ -401,10 +532,99 @@ def test_deepfashion2_bad_json_named(tmp_path):
 
 
 def test_deepfashion2_missing_annotations(tmp_path):
+    make_df2(tmp_path / "df2")
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(FileNotFoundError) as err:
+        DeepFashion2(tmp_path / "elsewhere", "train")
+    assert str(tmp_path / "elsewhere" / "train" / "annos") in str(err.value)
+    assert DeepFashion2.DOWNLOAD_URL in str(err.value) and "did you mean" not in str(err.value)
+
+
+# The official format of the retrieval ground truth, written out by hand: every item of the
+# validation set with its (pair_id, style); the official evaluation matches a query to the
+# gallery items of the same pair_id and style > 0, whatever their categories.
+OFFICIAL_VALIDATION = {
+    # image: (source, pair_id, [(category_id, style), ...])
+    "000001": ("user", 7, [(1, 1), (8, 2), (9, 0)]),
+    "000002": ("shop", 7, [(1, 1), (7, 2)]),   # (7, 2) is trousers (8) for the user, shorts (7) here
+    "000003": ("shop", 7, [(8, 0)]),           # same pair and category as a query, but style 0
+    "000004": ("user", 8, [(3, 1)]),           # (8, 1) has no shop item: dropped from the queries
+    "000005": ("shop", 8, [(3, 2)]),
+    "000006": ("user", 9, [(10, 1), (11, 1)]),  # two items of one identity in one user image
+    "000007": ("shop", 9, [(11, 1)]),
+}
+
+
+def item_box(image: str, item: int) -> list[int]:
+    """A distinct box per item, so an item can be told from its image path and box."""
+    return [item, int(image) % 7, 20 + item, 20 + int(image) % 7]
+
+
+def write_official_df2(root: Path, subset: str, images: dict) -> None:
+    for image, (source, pair_id, items) in images.items():
+        write_df2_image(root, subset, image, source, pair_id,
+                        [df2_item(cat, style, item_box(image, n)) for n, (cat, style) in enumerate(items, start=1)])
+
+
+def df2_items(ds) -> list[tuple[str, int]]:
+    """(image, item number) of every entry, recovered from its path and box."""
+    out = []
+    for path, box in zip(ds.paths, ds.boxes):
+        image = Path(str(path)).stem
+        out.append((image, int(box[0])))
+        assert list(box) == item_box(image, int(box[0]))
+    return out
+
+
+def test_deepfashion2_identity_is_pair_and_style_as_the_official_evaluation(tmp_path):
+    write_official_df2(tmp_path, "validation", OFFICIAL_VALIDATION)
+    write_official_df2(tmp_path, "train", {"000001": ("user", 1, [(1, 1), (2, 0)]),
+                                           "000002": ("shop", 1, [(5, 1), (1, 2)])})
+    query, gallery = DeepFashion2(tmp_path, "query"), DeepFashion2(tmp_path, "gallery")
+    assert df2_items(query) == [("000001", 1), ("000001", 2), ("000006", 1), ("000006", 2)]
+    assert df2_items(gallery) == [("000002", 1), ("000002", 2), ("000003", 1), ("000005", 1), ("000007", 1)]
+    expected_positives = {
+        ("000001", 1): {("000002", 1)},
+        ("000001", 2): {("000002", 2)},  # different categories, same (pair_id, style): a match
+        ("000006", 1): {("000007", 1)},
+        ("000006", 2): {("000007", 1)},
+    }
+    gallery_items = df2_items(gallery)
+    for q_item, q_label in zip(df2_items(query), query.labels):
+        positives = {g for g, g_label in zip(gallery_items, gallery.labels) if g_label == q_label}
+        assert positives == expected_positives[q_item], q_item
+    style0 = gallery_items.index(("000003", 1))
+    assert (gallery.labels == gallery.labels[style0]).sum() == 1  # the style-0 item matches nothing
+    # train: (pair 1, style 1) has a top (1) on the user side and a shirt (5) on the shop side
+    train = DeepFashion2(tmp_path, "train")
+    assert df2_items(train) == [("000001", 1), ("000002", 1), ("000002", 2)]
+    assert train.labels.tolist() == [0, 0, 1]
+
+
+def test_prepare_deepfashion2_reports_multi_category_identities(tmp_path, capsys):
+    write_official_df2(tmp_path, "validation", OFFICIAL_VALIDATION)
+    write_official_df2(tmp_path, "train", {"000001": ("user", 1, [(1, 1)]), "000002": ("shop", 1, [(5, 1)])})
+    assert load_script("prepare_deepfashion2").main(["--root", str(tmp_path), "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "query: 4 items, 3 labels" in out and "gallery: 5 items, 5 labels" in out
+    # user items with style > 0: 000001 x2, 000004, 000006 x2; (7, 2) spans only the trousers among
+    # them, (9, 1) spans categories 10 and 11: one identity, two of the five query items
+    assert "query identities spanning several categories: 1 (2 of 5 query items)" in out
+
+
+def test_deepfashion2_reads_json_with_byte_order_mark(tmp_path):
+    make_df2(tmp_path)
+    for json_file in (tmp_path / "validation" / "annos").glob("*.json"):
+        json_file.write_bytes(b"\xef\xbb\xbf" + json_file.read_bytes())
+    assert len(DeepFashion2(tmp_path, "gallery")) == 3
+
+
+def test_deepfashion2_root_one_level_below(tmp_path):
     make_df2(tmp_path)
     with pytest.raises(FileNotFoundError) as err:
         DeepFashion2(tmp_path / "train", "train")
-    assert "annos" in str(err.value) and DeepFashion2.DOWNLOAD_URL in str(err.value)
+    assert str(err.value).endswith(f"did you mean DATA.ROOT {tmp_path}?")
+    assert str(tmp_path / "train" / "annos") in str(err.value)
 
 
 # -- generic list ---------------------------------------------------------------------------------
@@ -449,3 +669,99 @@ def test_contiguous_labels_brute_force():
     labels = contiguous_labels(keys, keys)
     distinct = sorted(set(keys))
     assert labels.tolist() == [distinct.index(k) for k in keys]
+
+
+# -- list files saved with a UTF-8 byte-order mark, DATA.ROOT one level off ---------------------------
+def make_list_folder(root: Path) -> None:
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        write_image(root / "imgs" / name)
+    write_text(root / "train.txt", ["imgs/a.jpg,4", "imgs/b.jpg,4", "imgs/c.jpg,2"])
+    write_text(root / "test.txt", ["imgs/c.jpg,1"])
+
+
+# name -> (writer of the dataset tree, reader, a split, its list files, a sub-folder of the dataset)
+READERS = {
+    "sop": (make_sop, SOP, "train", ["Ebay_train.txt", "Ebay_test.txt"], "bicycle_final"),
+    "cub": (make_cub, CUB200, "train", ["images.txt", "image_class_labels.txt"], "images"),
+    "inshop": (make_inshop, InShop, "query", ["Eval/list_eval_partition.txt"], "img"),
+    "vehicleid": (make_vehicleid, VehicleID, "query_small", ["train_test_split/test_list_800.txt"], "image"),
+    "list": (make_list_folder, ListDataset, "train", ["train.txt"], "imgs"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(READERS))
+def test_list_files_with_byte_order_mark_read_as_without(tmp_path, name):
+    make, reader, split, list_files, _ = READERS[name]
+    make(tmp_path / "plain")
+    make(tmp_path / "bom")
+    for list_file in list_files:
+        path = tmp_path / "bom" / list_file
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # what Notepad's "UTF-8 with BOM" writes
+        assert path.read_text(encoding="utf-8").startswith("\ufeff")
+    plain, bom = reader(tmp_path / "plain", split), reader(tmp_path / "bom", split)
+    assert len(bom) == len(plain) > 0
+    assert [str(p) for p in bom.paths] == [str(p) for p in plain.paths]
+    assert bom.labels.tolist() == plain.labels.tolist()
+
+
+@pytest.mark.parametrize("name", sorted(READERS))
+def test_root_one_level_above_names_the_dataset_folder(tmp_path, name):
+    make, reader, split, list_files, _ = READERS[name]
+    make(tmp_path / "datasets" / "the_dataset")
+    with pytest.raises(FileNotFoundError) as err:
+        reader(tmp_path / "datasets", split)
+    message = str(err.value)
+    assert message.endswith(f"did you mean DATA.ROOT {tmp_path / 'datasets' / 'the_dataset'}?")
+    assert str(tmp_path / "datasets" / "the_dataset") in message.split(" exists;")[0]  # where it was found
+    assert message.count("?") == 1 and "\n" not in message
+
+
+@pytest.mark.parametrize("name", sorted(READERS))
+def test_root_one_level_below_names_the_dataset_folder(tmp_path, name):
+    make, reader, split, _, subfolder = READERS[name]
+    make(tmp_path / "the_dataset")
+    assert (tmp_path / "the_dataset" / subfolder).is_dir()
+    with pytest.raises(FileNotFoundError) as err:
+        reader(tmp_path / "the_dataset" / subfolder, split)
+    assert str(err.value).endswith(f"did you mean DATA.ROOT {tmp_path / 'the_dataset'}?")
+
+
+def test_cars_root_one_level_off_in_either_layout(tmp_path):
+    make_cars(tmp_path / "all_in_one" / "cars")
+    make_cars_devkit(tmp_path / "devkit_layout" / "stanford_cars")
+    with pytest.raises(FileNotFoundError, match=r"cars_annos.mat exists; did you mean DATA.ROOT .*all_in_one/cars\?$"):
+        Cars196(tmp_path / "all_in_one", "train")
+    with pytest.raises(FileNotFoundError) as err:
+        Cars196(tmp_path / "devkit_layout" / "stanford_cars" / "devkit", "train")
+    assert str(err.value).endswith(f"did you mean DATA.ROOT {tmp_path / 'devkit_layout' / 'stanford_cars'}?")
+
+
+def test_root_off_through_build_dataset(tmp_path):
+    from xbm.config import get_cfg
+    from xbm.data.datasets import build_dataset
+
+    make_cub(tmp_path / "CUB_200_2011")
+    cfg = get_cfg()
+    cfg.DATA.NAME, cfg.DATA.ROOT = "cub200", str(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"images.txt exists; did you mean DATA.ROOT .*CUB_200_2011\?$"):
+        build_dataset(cfg, "train")
+    cfg.DATA.ROOT = str(tmp_path / "CUB_200_2011")
+    assert len(build_dataset(cfg, "train")) == 3
+
+
+def test_sop_header_with_byte_order_mark(tmp_path):
+    """The header check was what failed: '\ufeffimage_id' is not 'image_id'."""
+    make_sop(tmp_path)
+    path = tmp_path / "Ebay_train.txt"
+    path.write_text("\ufeff" + path.read_text(encoding="utf-8"), encoding="utf-8")
+    assert len(SOP(tmp_path, "train")) == 5
+
+
+def test_cub_first_id_with_byte_order_mark(tmp_path):
+    """'\ufeff1' is not an integer: the first image id was what failed."""
+    make_cub(tmp_path)
+    for name in ("images.txt", "image_class_labels.txt"):
+        path = tmp_path / name
+        path.write_text(path.read_text(encoding="utf-8"), encoding="utf-8-sig")
+    train = CUB200(tmp_path, "train")
+    assert str(train.paths[0]) == "001.Black_footed_Albatross/A_0001.jpg" and train.labels.tolist() == [0, 0, 1]

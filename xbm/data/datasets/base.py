@@ -4,7 +4,12 @@ A dataset class only says how to read its own list files into `Record`s; the bas
 class `ImageListDataset` does the rest the same way for all of them:
 
 * checks that the root folder and each list file exist, with an error that names
-  the missing file and the dataset's download page;
+  the missing file and the dataset's download page; when the file is instead found
+  one folder up or in a sub-folder of DATA.ROOT (a root pointed one level off), the
+  error names that folder ("did you mean DATA.ROOT <folder>?");
+* reads every text file through `open_text`, which drops a UTF-8 byte-order mark
+  (files saved by some Windows editors start with one; it would otherwise stick
+  to the first field and spoil the header or the first integer);
 * refuses list paths that would leave the root (absolute paths, `..`);
 * turns the raw class keys (ints or strings) into contiguous int64 labels
   0..C-1 (sorted by key, so the mapping is the same on every run). Query and
@@ -31,7 +36,7 @@ import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Callable, Hashable, Iterator, Sequence
+from typing import Callable, Hashable, Iterator, Sequence, TextIO
 
 import numpy as np
 from PIL import Image
@@ -55,9 +60,14 @@ class DatasetFormatError(ValueError):
     """A list file that does not follow its documented format (names the file and line)."""
 
 
+def open_text(path: str | os.PathLike) -> TextIO:
+    """Open a text file for reading as UTF-8, dropping a leading byte-order mark if there is one."""
+    return open(path, encoding="utf-8-sig")
+
+
 def read_lines(list_file: Path) -> Iterator[tuple[int, str]]:
     """(1-based line number, stripped line) for every non-blank line of a text file."""
-    with open(list_file, encoding="utf-8") as handle:
+    with open_text(list_file) as handle:
         for number, line in enumerate(handle, start=1):
             stripped = line.strip()
             if stripped:
@@ -114,6 +124,28 @@ def contiguous_labels(keys: Sequence[Hashable], universe: Sequence[Hashable]) ->
     ordered = sorted(set(universe), key=lambda k: (str(type(k)), k))
     index = {key: i for i, key in enumerate(ordered)}
     return np.fromiter((index[k] for k in keys), dtype=np.int64, count=len(keys))
+
+
+def misplaced_root(
+    root: Path, candidates: Sequence[str | os.PathLike], exists: Callable[[Path], bool]
+) -> tuple[Path, str | os.PathLike] | None:
+    """(folder, candidate) when a candidate path exists under root's parent or under a sub-folder of root.
+
+    These are the two usual slips: DATA.ROOT set to the folder that holds the
+    unpacked dataset, or to a folder inside it. Only this one level is searched
+    (listing root's immediate sub-folders is cheap; a deeper walk of a dataset
+    folder with 100k+ images is not).
+    """
+    neighbours = [root.parent] if root.parent != root else []
+    try:
+        neighbours += sorted(child for child in root.iterdir() if child.is_dir())
+    except OSError:  # an unreadable root: only the parent is searched
+        pass
+    for folder in neighbours:
+        for candidate in candidates:
+            if exists(folder / candidate):
+                return folder, candidate
+    return None
 
 
 class ImageListDataset(Dataset, ABC):
@@ -188,25 +220,42 @@ class ImageListDataset(Dataset, ABC):
         """Where the data comes from, for error messages."""
         return f"download: {self.DOWNLOAD_URL}"
 
-    def require_file(self, relative: str | os.PathLike) -> Path:
-        """root/relative, or a FileNotFoundError naming it and the download page."""
-        path = self.root / relative
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{self.NAME}: {path} not found; DATA.ROOT must be the unpacked dataset folder "
-                f"({self.source_hint()})"
-            )
-        return path
+    def require_file(self, relative: str | os.PathLike, *alternatives: str | os.PathLike) -> Path:
+        """root/relative (or the first root/alternative that exists), else one FileNotFoundError.
+
+        The error names root/relative and the download page, or, when one of the
+        candidates sits one folder up or in a sub-folder of the root, that folder.
+        """
+        candidates = (relative, *alternatives)
+        for candidate in candidates:
+            if (self.root / candidate).is_file():
+                return self.root / candidate
+        raise self._not_found(candidates, Path.is_file)
 
     def require_dir(self, relative: str | os.PathLike) -> Path:
-        """root/relative, or a FileNotFoundError naming it and the download page."""
+        """root/relative, or a FileNotFoundError as `require_file`'s."""
         path = self.root / relative
         if not path.is_dir():
-            raise FileNotFoundError(
-                f"{self.NAME}: folder {path} not found; DATA.ROOT must be the unpacked dataset folder "
-                f"({self.source_hint()})"
-            )
+            raise self._not_found((relative,), Path.is_dir, "folder ")
         return path
+
+    def _not_found(
+        self, candidates: Sequence[str | os.PathLike], exists: Callable[[Path], bool], kind: str = ""
+    ) -> FileNotFoundError:
+        """The error for a missing root/candidates[0] (or any of the others), with a near miss if there is one."""
+        relative = Path(candidates[0])
+        found = misplaced_root(self.root, candidates, exists)
+        if found is not None:
+            folder, candidate = found
+            return FileNotFoundError(
+                f"{self.NAME}: {kind}{self.root / relative} not found, but {folder / candidate} exists; "
+                f"did you mean DATA.ROOT {folder}?"
+            )
+        others = "".join(f" (or {c})" for c in candidates[1:])
+        return FileNotFoundError(
+            f"{self.NAME}: {kind}{self.root / relative}{others} not found; DATA.ROOT must be the unpacked dataset "
+            f"folder ({self.source_hint()})"
+        )
 
     def _check_image_layout(self) -> None:
         for index in {0, len(self.paths) - 1}:

@@ -7,17 +7,38 @@ DATA.ROOT is the unpacked folder holding the train and validation sets:
 
 Each JSON holds `source` (user | shop), `pair_id`, and items `item1`, `item2`, ...
 with `category_id`, `style` and `bounding_box` [x1, y1, x2, y2]. Every item is one
-dataset entry: its image cropped to the ground-truth box. Two items match when
-they share (pair_id, category_id, style) and style > 0; style-0 items match nothing.
+dataset entry: its image cropped to the ground-truth box.
+
+Identity follows the official retrieval evaluation of the DeepFashion2 repository
+(github.com/switchablenorms/DeepFashion2 at commit fdf5ac3,
+deepfashion2_api/PythonAPI/deepfashion2_retrieval_test.py): a query item is evaluated
+only if its style is > 0 (line 134), and its correct gallery items are those with the
+same pair_id and the same style (lines 146-147); the category is not compared, and the
+gallery ground truth (evaluation/evaluation.md: gallery_gt.json holds gallery_image_id,
+style, pair_id, bbox) does not even carry it. So the label here is (pair_id, style) for
+style > 0, and a style-0 item is never a positive. This matters: in the official query
+ground truth (evaluation/query_gt.json as added at commit a5182f6, since removed from the
+repository), 95 of the 3,043 (pair_id, style) identities have items of two or three
+categories (e.g. pair 29, style 1: categories 1 and 5), covering 1,092 of the 12,550
+queries with style > 0.
 
 Splits:
-  train   - items of train/ with style > 0 (user and shop), label (pair_id, category_id, style).
+  train   - items of train/ with style > 0 (user and shop), label (pair_id, style).
             Style-0 items are left out: they can never form a positive pair, and a class
             of one image cannot fill an m-per-class batch.
-  gallery - all shop items of validation/. A style-0 item gets a label of its own
-            (a distractor that matches no query).
-  query   - user items of validation/ with style > 0 that have at least one positive in
-            the gallery; the others are dropped (their recall is undefined).
+  gallery - all shop items of validation/: the official gallery is every shop image of the
+            validation set (data/val/list_gallery.txt at commit e013db1 lists 21,438 images,
+            48 more than have an item in gallery_gt.json, which lists style > 0 items only).
+            A style-0 item gets a label of its own (a distractor that matches no query).
+  query   - user items of validation/ with style > 0 (the README's consumer-to-shop task:
+            consumer items are the queries) that have at least one positive in the
+            gallery; the others are dropped (their recall is undefined). The official
+            evaluation asserts that every query has one (line 152), so on the official data
+            none should be dropped.
+
+The official protocol scores detected boxes (a retrieved item counts when its IoU with
+a correct gallery item is >= 0.5); here the ground-truth boxes are used for query and
+gallery, as in the rows of the repository README's Table 9 evaluated on ground-truth boxes.
 
 Reading ~200k JSON files takes minutes, so they are read once into a compact index,
 `<subset>.tsv`, one line per item. It is looked for in `index_dir` if given, else in
@@ -38,7 +59,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .base import DatasetFormatError, ImageListDataset, Record
+from .base import DatasetFormatError, ImageListDataset, Record, misplaced_root, open_text
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +92,7 @@ def _require_int(value, where: str, field: str) -> int:
 def read_annotation(json_file: Path) -> list[ItemRow]:
     """The items of one DeepFashion2 annotation file (boxes rounded to whole pixels)."""
     try:
-        with open(json_file, encoding="utf-8") as handle:
+        with open_text(json_file) as handle:
             data = json.load(handle)
     except (OSError, ValueError) as err:
         raise DatasetFormatError(f"{json_file}: cannot read it as JSON ({err})") from err
@@ -123,6 +144,12 @@ def build_index(
     """
     annos = Path(root) / subset / "annos"
     if not annos.is_dir():
+        found = misplaced_root(Path(root), [f"{subset}/annos"], Path.is_dir)
+        if found is not None:
+            raise FileNotFoundError(
+                f"DeepFashion2: folder {annos} not found, but {found[0] / found[1]} exists; "
+                f"did you mean DATA.ROOT {found[0]}?"
+            )
         raise FileNotFoundError(
             f"DeepFashion2: {annos} not found; DATA.ROOT must hold train/ and validation/ as unpacked "
             f"(download: {DeepFashion2.DOWNLOAD_URL})"
@@ -244,8 +271,23 @@ class DeepFashion2(ImageListDataset):
 
     @staticmethod
     def _record(subset: str, row: ItemRow) -> Record:
+        return Record(f"{subset}/image/{row.image}.jpg", identity(row), row.box)
+
+
+def identity(row: ItemRow) -> str:
+    """The class key of an item: its (pair_id, style) as the official evaluation matches them.
+
+    A style-0 item matches nothing, so it gets a key no other item has.
+    """
+    if row.style > 0:
+        return f"{row.pair_id:08d}/{row.style}"
+    return f"style0/{row.image}/{row.item}"
+
+
+def multi_category_identities(rows: Iterable[ItemRow]) -> dict[str, set[int]]:
+    """The identities (style > 0) whose items span more than one category, with those categories."""
+    categories: dict[str, set[int]] = {}
+    for row in rows:
         if row.style > 0:
-            key = f"{row.pair_id:08d}/{row.category_id:02d}/{row.style}"
-        else:  # matches nothing: a key no other item has
-            key = f"style0/{row.image}/{row.item}"
-        return Record(f"{subset}/image/{row.image}.jpg", key, row.box)
+            categories.setdefault(identity(row), set()).add(row.category_id)
+    return {key: cats for key, cats in categories.items() if len(cats) > 1}

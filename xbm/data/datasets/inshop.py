@@ -31,10 +31,7 @@ class InShop(ImageListDataset):
     DOWNLOAD_URL = "http://mmlab.ie.cuhk.edu.hk/projects/DeepFashion/InShopRetrieval.html"
 
     def _partition_file(self) -> Path:
-        for candidate in ("Eval/list_eval_partition.txt", "list_eval_partition.txt"):
-            if (self.root / candidate).is_file():
-                return self.root / candidate
-        return self.require_file("Eval/list_eval_partition.txt")  # raises, naming the expected place
+        return self.require_file("Eval/list_eval_partition.txt", "list_eval_partition.txt")
 
     def _read_records(self, split: str) -> list[Record]:
         list_file = self._partition_file()
