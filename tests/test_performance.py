@@ -215,3 +215,16 @@ def test_two_faiss_packages_in_one_environment_are_named(monkeypatch, caplog):
     monkeypatch.undo()
     # this environment itself has at most one (make installs the cpu extra)
     assert len(performance.installed_faiss_packages()) <= 1
+
+
+def test_a_checkpoint_trained_with_fp16_evaluates_on_the_cpu(glyph_root, tmp_path, torch_flags):
+    from xbm.engine.evaluation_tool import config_of_checkpoint, evaluate_checkpoints
+
+    out = tmp_path / "run"
+    Trainer(load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, out, "SOLVER.MAX_ITERS", "2"))).train()
+    path = str(out / "checkpoints" / "last.pth")
+    # as if trained on a GPU with fp16: the CPU embeds in float32 instead of refusing
+    cfg = config_of_checkpoint(path, ["SOLVER.AMP", "fp16"])
+    (row,) = evaluate_checkpoints(cfg, [path])
+    assert row["task"] == "test" and 0 < row["R@1"] <= 1
+    assert performance.evaluation_amp_dtype(cfg, torch.device("cpu")) is None

@@ -13,6 +13,7 @@ from ..modeling import build_model
 from ..utils.env import resolve_device
 from .checkpoint import load_checkpoint
 from .evaluator import compute_embeddings
+from .performance import check_knn_backend
 from .trainer import build_evaluator
 
 
@@ -27,6 +28,7 @@ def config_of_checkpoint(path: str, opts: list[str] | None = None, cfg_file: str
 def evaluate_checkpoints(cfg, paths: list[str], export_splits=None, export_dir: str | None = None) -> list[dict]:
     """One row per (checkpoint, evaluation task): the checkpoint, its iteration and every metric."""
     device = resolve_device(cfg.MODEL.DEVICE)
+    check_knn_backend(cfg)
     evaluator = build_evaluator(cfg, device)
     model = build_model(cfg).to(device)
     rows = []

@@ -31,6 +31,15 @@ def amp_dtype(cfg, device: torch.device) -> torch.dtype | None:
     return AMP_DTYPES[name]
 
 
+def evaluation_amp_dtype(cfg, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of evaluation: training's, where `device` can run it. A checkpoint trained
+    with fp16 on a GPU and evaluated on a CPU embeds in float32 (autocast only changes rounding)."""
+    try:
+        return amp_dtype(cfg, device)
+    except ValueError:
+        return None
+
+
 def check_compile(cfg, device: torch.device) -> None:
     """PERF.COMPILE must name a backend torch.compile has, and inductor needs its compilers."""
     backend = str(cfg.PERF.COMPILE)

@@ -40,7 +40,7 @@ from ..utils.logger import setup_logger
 from .checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from .drift import DriftMonitor
 from .evaluator import Evaluator
-from .performance import amp_dtype, check_runtime, compiled, configure_backends, memory_format
+from .performance import check_runtime, compiled, configure_backends, evaluation_amp_dtype, memory_format
 from .solver import build_optimizer, build_scheduler
 
 # Keys that may change between a checkpoint and the run that resumes it: they change how long or
@@ -73,7 +73,7 @@ def build_evaluator(cfg, device, extra_tasks: dict | None = None) -> Evaluator:
     tasks.update({task: (split(query), split(gallery)) for task, (query, gallery) in cls.EVAL_TASKS.items()})
     ks = tuple(cfg.TEST.RECALL_KS) or tuple(cls.RECALL_KS)
     return Evaluator(tasks, ks, device, cfg.TEST.BATCH_SIZE, cfg.DATA.NUM_WORKERS, cfg.TEST.KNN_BACKEND,
-                     amp_dtype=amp_dtype(cfg, torch.device(device)), memory_format=memory_format(cfg),
+                     amp_dtype=evaluation_amp_dtype(cfg, torch.device(device)), memory_format=memory_format(cfg),
                      persistent_workers=cfg.DATA.PERSISTENT_WORKERS, prefetch_factor=cfg.DATA.PREFETCH_FACTOR)
 
 
