@@ -4,8 +4,8 @@
 Each run trains 1,200 iterations (the configs' 2,000 would push `make demo` past 10 minutes on a
 2-core CPU) and takes under two minutes there, evaluation included. Trained from scratch, plain XBM
 collapses (its memory term dwarfs the in-batch term while the embedding still drifts fast) and
-XBN's moment matching repairs it: DESIGN.md's calibration section measured this, and the table
-printed at the end lets you see it on your machine.
+XBN's moment matching repairs it (BENCHMARKS.md has the seeded measurement), and the table printed
+at the end lets you see it on your machine.
 """
 from __future__ import annotations
 
