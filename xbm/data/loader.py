@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..utils.signals import ignore_stop_signals
 from .sampler import MPerClassBatchSampler
 
 # Mixed into every sample seed so the augmentation stream never coincides with the sampler's
@@ -95,4 +96,5 @@ def build_train_loader(dataset: Dataset, sampler: MPerClassBatchSampler, num_wor
     # seeds make the workers' own seeds irrelevant).
     generator = torch.Generator().manual_seed(sampler.seed)
     return DataLoader(SeededItems(dataset), batch_sampler=SeededBatches(sampler), num_workers=num_workers,
-                      pin_memory=pin_memory, persistent_workers=num_workers > 0, generator=generator)
+                      pin_memory=pin_memory, persistent_workers=num_workers > 0, generator=generator,
+                      worker_init_fn=ignore_stop_signals)

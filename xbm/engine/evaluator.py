@@ -6,6 +6,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..evaluation import evaluate
+from ..utils.signals import ignore_stop_signals
 
 
 @torch.no_grad()
@@ -16,7 +17,7 @@ def compute_embeddings(model, dataset, device, batch_size: int = 256, num_worker
     # A private generator: creating the iterator draws a worker seed from it, not from the global
     # RNG, so evaluating in the middle of training leaves the training's random stream as it was.
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        generator=torch.Generator())
+                        generator=torch.Generator(), worker_init_fn=ignore_stop_signals)
     chunks = []
     for images, _ in loader:
         chunks.append(model(images.to(device, non_blocking=True)).float().cpu())
