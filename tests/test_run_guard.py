@@ -507,3 +507,104 @@ def test_log_starts_with_the_config_and_reports_queries_without_positives_once(g
     assert "  WEIGHT: 1.0" in lines
     warnings = [line for line in lines if "no image of their class" in line]
     assert len(warnings) == 1 and "evaluation task 'test': 7 of 30 queries have no image" in warnings[0]
+
+
+# ------------------------------------------------------------------ two ranks (gloo on CPU)
+def _ddp_opts(root, out, max_iters, *extra):
+    return ["--cfg", "configs/glyphs_xbm.yaml", *_opts(root, out, "SOLVER.MAX_ITERS", str(max_iters),
+                                                        "SOLVER.CHECKPOINT_PERIOD", "5", "XBM.SIZE", "40"), *extra]
+
+
+def _ddp_worker(rank: int, port: int, root: str, folder: str) -> None:
+    """Both ranks: a refused OUTPUT_DIR; a run signalled on rank 1 alone, resumed; the same run whole."""
+    import torch.distributed as dist
+
+    from xbm.engine.trainer import Trainer
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    codes = {}
+    try:
+        try:  # only rank 0 looks at the folder; rank 1 must stop with it, not wait in a collective
+            codes["held"] = train_main(_ddp_opts(root, os.path.join(folder, "held"), 4))
+        except SystemExit as exit_info:
+            codes["held"] = exit_info.code
+        original_step = Trainer.train_step
+
+        def step_then_signal(self, images, labels):
+            parts = original_step(self, images, labels)
+            if rank == 1 and self.iteration == 6:  # becomes 7 after this step
+                os.kill(os.getpid(), signal.SIGTERM)
+            return parts
+
+        Trainer.train_step = step_then_signal
+        codes["stopped"] = train_main(_ddp_opts(root, os.path.join(folder, "stopped"), 20))
+        Trainer.train_step = original_step
+        dist.barrier()  # rank 0 has written its checkpoint
+        codes["stopped_at"] = load_checkpoint(os.path.join(folder, "stopped", "checkpoints", "last.pth"))["iteration"]
+        codes["resumed"] = train_main(_ddp_opts(root, os.path.join(folder, "stopped"), 20, "--resume"))
+        codes["whole"] = train_main(_ddp_opts(root, os.path.join(folder, "whole"), 20))
+    finally:
+        with open(os.path.join(folder, f"codes.rank{rank}.json"), "w") as f:
+            json.dump(codes, f)
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_share_the_refusal_and_stop_at_the_same_iteration(glyph_root, tmp_path):
+    import torch.multiprocessing as mp
+
+    held = tmp_path / "held" / "checkpoints"
+    held.mkdir(parents=True)
+    (held / "last.pth").write_bytes(b"an earlier run")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(port, str(glyph_root), str(tmp_path)), nprocs=2)
+    codes = [json.loads((tmp_path / f"codes.rank{r}.json").read_text()) for r in range(2)]
+    # the refusal reached both ranks; the signal on rank 1 stopped both after iteration 7
+    assert codes[0] == codes[1] == {"held": 2, "stopped": EXIT_STOPPED, "stopped_at": 7, "resumed": 0, "whole": 0}
+    assert not (tmp_path / "held" / "log.txt").exists()
+    whole = load_checkpoint(str(tmp_path / "whole" / "checkpoints" / "last.pth"))
+    resumed = load_checkpoint(str(tmp_path / "stopped" / "checkpoints" / "last.pth"))
+    assert resumed["iteration"] == whole["iteration"] == 20
+    for name, tensor in whole["model"].items():
+        torch.testing.assert_close(resumed["model"][name], tensor, rtol=0, atol=1e-6, msg=name)
+    for name, tensor in whole["memory"].items():
+        torch.testing.assert_close(resumed["memory"][name], tensor, rtol=0, atol=1e-6, msg=name)
+    log = (tmp_path / "stopped" / "log.txt").read_text()
+    assert log.count("SIGTERM: stopped at iteration 7") == 0  # rank 0 was not signalled itself
+    assert log.count("a signal on another rank: stopped at iteration 7") == 1
+
+
+# ------------------------------------------------------------------ the SLURM example
+def test_slurm_script_passes_sigterm_on_and_requeues_on_75(tmp_path):
+    """scripts/slurm_train.sbatch run by bash with stand-ins for python (a training that saves and
+    exits 75 on SIGTERM, or ends with 1) and scontrol (records its arguments)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(
+        "#!/bin/bash\necho \"$@\" > \"$STUB_DIR/args\"\n"
+        "trap 'echo saved > \"$STUB_DIR/saved\"; exit 75' TERM\n"
+        "[ -n \"$STUB_STATUS\" ] && exit \"$STUB_STATUS\"\n"
+        "touch \"$STUB_DIR/started\"\nfor i in $(seq 100); do sleep 0.1; done\n")
+    (bin_dir / "scontrol").write_text("#!/bin/bash\necho \"$@\" > \"$STUB_DIR/scontrol\"\n")
+    for stub in bin_dir.iterdir():
+        stub.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "STUB_DIR": str(tmp_path), "SLURM_JOB_ID": "4242"}
+    script = os.path.abspath("scripts/slurm_train.sbatch")
+
+    job = subprocess.Popen(["bash", script, "--cfg", "configs/sop_xbm.yaml", "OUTPUT_DIR", "out"], env=env,
+                           stdout=subprocess.PIPE, text=True)
+    _wait_for(tmp_path / "started", job, seconds=20)
+    job.send_signal(signal.SIGTERM)  # --signal=B:TERM: the batch shell alone gets it
+    stdout, _ = job.communicate(timeout=30)
+    assert job.returncode == 75 and (tmp_path / "saved").exists()
+    assert (tmp_path / "args").read_text().split() == [
+        "tools/train_net.py", "--cfg", "configs/sop_xbm.yaml", "OUTPUT_DIR", "out", "--resume"]
+    assert (tmp_path / "scontrol").read_text().split() == ["requeue", "4242"]
+    assert "requeueing job 4242" in stdout
+
+    (tmp_path / "scontrol").unlink()
+    failed = subprocess.run(["bash", script], env={**env, "STUB_STATUS": "1"}, capture_output=True, timeout=60)
+    assert failed.returncode == 1 and not (tmp_path / "scontrol").exists()  # a failure is not requeued

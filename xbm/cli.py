@@ -74,7 +74,8 @@ def _fail(err: BaseException, status: int, debug: bool, message: str | None = No
     """An expected error: one line on stderr and `status` (the traceback with --debug)."""
     if debug:
         raise err
-    print(f"error: {message or one_sentence(err)}", file=sys.stderr)
+    if not getattr(err, "reported_by_rank0", False):
+        print(f"error: {message or one_sentence(err)}", file=sys.stderr)
     raise SystemExit(status)
 
 

@@ -317,5 +317,7 @@ def claim_for_all_ranks(output_dir: str, device_name: str, resuming: bool, overw
             problem = str(err)
     problem = broadcast_object(problem)
     if problem:
-        raise RunGuardError(problem)
+        err = RunGuardError(problem)
+        err.reported_by_rank0 = not is_main_process()  # one message for the whole job
+        raise err
     return lock
