@@ -384,6 +384,21 @@ def test_eval_with_a_config_of_another_dataset_says_so(glyph_root, tmp_path, cap
     assert config_of_checkpoint(str(path), [], "configs/glyphs_xbn.yaml").XBM.ADAPT.NAME == "xbn"
 
 
+def test_eval_of_a_checkpoint_that_does_not_fit_the_config(glyph_root, tmp_path, capsys):
+    from xbm.modeling import build_model
+
+    trained = load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, tmp_path / "run"))
+    path = tmp_path / "last.pth"
+    save_checkpoint({"iteration": 1, "model": build_model(trained).state_dict(), "config": trained.dump()}, str(path))
+    with pytest.raises(SystemExit) as exit_info:
+        eval_main(["--ckpt", str(path), "--cfg", "configs/glyphs_xbm.yaml", *_opts(glyph_root, tmp_path / "run"),
+                   "MODEL.HEAD.DIM", "16"])
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert exit_info.value.code == 2
+    assert err.startswith(f"error: {path} does not fit the model of this config (size mismatch for head.")
+    assert err.endswith("evaluate it without --cfg to use its own config")
+
+
 def test_export_checks_split_names_before_any_work(tmp_path, capsys):
     path = tmp_path / "last.pth"
     save_checkpoint({"iteration": 1, "model": {}, "config": load_cfg("configs/glyphs_xbm.yaml").dump()}, str(path))
@@ -473,13 +488,14 @@ def test_missing_images_with_skip_are_reported_and_replaced(glyph_root, tmp_path
     assert label == ds.labels[0] and np.array_equal(np.asarray(image), np.asarray(ds[same_class][0]))
 
 
-def test_an_image_that_fails_to_decode_mid_run_names_it_and_the_checkpoint(glyph_root, tmp_path, capsys):
+@pytest.mark.parametrize("workers", ["0", "1"])  # with a worker, torch re-raises the error with its traceback
+def test_an_image_that_fails_to_decode_mid_run_names_it_and_the_checkpoint(glyph_root, tmp_path, capsys, workers):
     root = _list_dataset(glyph_root, tmp_path / "data")
     listed = [line.rsplit(",", 1)[0] for line in (root / "train.txt").read_text().splitlines()]
     (root / listed[100]).write_bytes(b"not a png")
     out = tmp_path / "run"
     opts = ["--cfg", "configs/glyphs_baseline.yaml", *_opts(root, out, "SOLVER.MAX_ITERS", "60", "SOLVER.CHECKPOINT_PERIOD",
-                                                          "2"), "DATA.NAME", "list", "INPUT.RESIZE", "32"]
+                                                          "2"), "DATA.NAME", "list", "INPUT.RESIZE", "32", "DATA.NUM_WORKERS", workers]
     with pytest.raises(SystemExit) as exit_info:
         train_main(opts)
     err = capsys.readouterr().err
@@ -608,3 +624,28 @@ def test_slurm_script_passes_sigterm_on_and_requeues_on_75(tmp_path):
     (tmp_path / "scontrol").unlink()
     failed = subprocess.run(["bash", script], env={**env, "STUB_STATUS": "1"}, capture_output=True, timeout=60)
     assert failed.returncode == 1 and not (tmp_path / "scontrol").exists()  # a failure is not requeued
+
+
+def _sleeping_worker(ready):
+    from xbm.utils.signals import ignore_stop_signals
+
+    ignore_stop_signals(0)
+    ready.set()
+    time.sleep(30)
+
+
+def test_a_data_worker_outlives_a_jobwide_sigterm_but_not_its_main_processes():
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")  # the DataLoader's on Linux
+    ready = context.Event()
+    worker = context.Process(target=_sleeping_worker, args=(ready,), daemon=True)
+    worker.start()
+    assert ready.wait(60)
+    subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)  # SLURM's SIGTERM to every process
+    subprocess.run(["kill", "-INT", str(worker.pid)], check=True)  # the terminal's Ctrl-C
+    worker.join(1.0)
+    assert worker.is_alive()
+    worker.terminate()  # what multiprocessing does to leftover workers at exit, and DataLoader's shutdown
+    worker.join(10)
+    assert worker.exitcode == 128 + signal.SIGTERM

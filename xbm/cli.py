@@ -215,6 +215,11 @@ def eval_main(argv: list[str] | None = None) -> int:
         _write_rows(rows, out)
     except _expected_errors() as err:
         _fail(err, 2, args.debug)
+    except KeyboardInterrupt:  # evaluation keeps no state worth saving: stop quietly
+        if args.debug:
+            raise
+        print("interrupted before eval_metrics.json was written", file=sys.stderr)
+        return 130
     return 0
 
 
