@@ -649,3 +649,16 @@ def test_a_data_worker_outlives_a_jobwide_sigterm_but_not_its_main_processes():
     worker.terminate()  # what multiprocessing does to leftover workers at exit, and DataLoader's shutdown
     worker.join(10)
     assert worker.exitcode == 128 + signal.SIGTERM
+
+
+def test_ctrl_c_before_training_starts_is_one_line(monkeypatch, capsys):
+    import xbm.cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(xbm.cli, "load_cfg", interrupted)
+    assert train_main(["--cfg", "configs/glyphs_xbm.yaml"]) == 130
+    assert capsys.readouterr().err == "interrupted before training started; nothing was written\n"
+    with pytest.raises(KeyboardInterrupt):
+        train_main(["--cfg", "configs/glyphs_xbm.yaml", "--debug"])

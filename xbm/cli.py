@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import glob
 import json
 import os
@@ -123,6 +124,21 @@ def _expected_errors() -> tuple:
     return (ValueError, OSError, FloatingPointError, torch.OutOfMemoryError)
 
 
+def _interrupt_before_training_is_quiet(main):
+    """Ctrl-C while the config and libraries load (before the signal handlers are in place)."""
+    @functools.wraps(main)
+    def wrapper(argv: list[str] | None = None) -> int:
+        try:
+            return main(argv)
+        except KeyboardInterrupt:
+            if "--debug" in (sys.argv[1:] if argv is None else argv):
+                raise
+            print("interrupted before training started; nothing was written", file=sys.stderr)
+            return 130
+    return wrapper
+
+
+@_interrupt_before_training_is_quiet
 def train_main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser("Train an embedding with an optional cross-batch memory.")
