@@ -57,7 +57,7 @@ def test_training_writes_every_output_and_the_loss_falls(glyph_root, tmp_path, c
 
 
 @pytest.mark.slow
-def test_eval_tool_reads_the_checkpoint(glyph_root, tmp_path):
+def test_eval_tool_reads_the_checkpoint(glyph_root, tmp_path, capsys):
     out = tmp_path / "run"
     train_main(_run_opts(glyph_root, out, "SOLVER.MAX_ITERS", "5", "TEST.EVAL_PERIOD", "0"))
     logged = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
@@ -68,6 +68,7 @@ def test_eval_tool_reads_the_checkpoint(glyph_root, tmp_path):
     assert rows[0]["R@1"] == pytest.approx(logged["R@1"])  # same weights, same numbers
     assert (report / "eval_metrics.csv").read_text().startswith("checkpoint,iteration,task,R@1")
     assert (report / "last_test_embeddings.npy").is_file()
+    assert f"wrote {report}/last_test_embeddings.npy and {report}/last_test_labels.npy" in capsys.readouterr().err
 
 
 def test_bad_input_stops_before_training(glyph_root, tmp_path, capsys):

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..utils.signals import ignore_stop_signals
 from .sampler import MPerClassBatchSampler
 
 # Mixed into every sample seed so the augmentation stream never coincides with the sampler's
@@ -96,4 +97,4 @@ def build_train_loader(dataset: Dataset, sampler: MPerClassBatchSampler, num_wor
     generator = torch.Generator().manual_seed(sampler.seed)
     workers = {"persistent_workers": True, "prefetch_factor": prefetch_factor} if num_workers > 0 else {}
     return DataLoader(SeededItems(dataset), batch_sampler=SeededBatches(sampler), num_workers=num_workers,
-                      pin_memory=pin_memory, generator=generator, **workers)
+                      pin_memory=pin_memory, generator=generator, worker_init_fn=ignore_stop_signals, **workers)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import tempfile
 
@@ -9,11 +10,25 @@ import numpy as np
 import torch
 
 
+class CheckpointError(ValueError):
+    """A file that is not a readable xbm checkpoint (truncated, corrupted, not a checkpoint at all)."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, lost permission); the previous file is intact."""
+
+
+# What every checkpoint the Trainer writes holds; a .pth without them is something else (a bare
+# state dict, a backbone's weights).
+CHECKPOINT_KEYS = ("iteration", "config", "model")
+
+
 def save_checkpoint(state: dict, path: str) -> None:
     """Write to a temporary file in the same folder, then rename over `path`.
 
     A kill in the middle of torch.save leaves the previous file intact: the
-    rename is atomic on POSIX file systems.
+    rename is atomic on POSIX file systems. A failed write (a full disk) removes
+    the temporary file and raises CheckpointWriteError; `path` is untouched.
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -24,16 +39,58 @@ def save_checkpoint(state: dict, path: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(err, (OSError, RuntimeError)):  # torch.save reports a failed write as RuntimeError
+            raise CheckpointWriteError(_write_failure(path, err)) from err
         raise
 
 
-def load_checkpoint(path: str, map_location="cpu") -> dict:
+def _write_failure(path: str, err: BaseException) -> str:
+    reason = getattr(err, "strerror", None) or str(err).splitlines()[0]
+    kept = f"the previous {os.path.basename(path)} is intact" if os.path.exists(path) else "no earlier file is affected"
+    return f"could not write checkpoint {path} ({reason}); {kept}"
+
+
+def load_checkpoint(path: str, map_location="cpu", required: tuple[str, ...] = ()) -> dict:
+    """The dict saved at `path`; `required=CHECKPOINT_KEYS` where a training checkpoint is needed."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    return read_checkpoint(path, map_location, required)
+
+
+def read_checkpoint(path: str, map_location="cpu", required: tuple[str, ...] = CHECKPOINT_KEYS) -> dict:
+    """torch.load(weights_only=True) of a saved dict holding the `required` keys, or a CheckpointError
+    naming the file and what is wrong with it (torch's own errors for a text file or a truncated one
+    are a bare KeyError or an internal zip error)."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises KeyError, EOFError, RuntimeError, UnpicklingError for these
+        raise CheckpointError(f"{path} is not a readable checkpoint: {_unreadable_because(path, err)}") from err
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is a PyTorch file but not an xbm checkpoint: it holds a "
+                              f"{type(state).__name__}, not a dict")
+    missing = [key for key in required if key not in state]
+    if missing:
+        raise CheckpointError(
+            f"{path} is a PyTorch file but not an xbm training checkpoint: it has no "
+            f"{', '.join(repr(k) for k in missing)} (its keys: {', '.join(sorted(map(str, state))[:6])})")
+    return state
+
+
+def _unreadable_because(path: str, err: Exception) -> str:
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head:
+        return "the file is empty"
+    if head.startswith(b"PK"):  # torch.save writes a zip archive
+        return (f"the file is truncated or corrupted ({os.path.getsize(path)} bytes; "
+                f"{str(err).splitlines()[0].split('. ')[0]})")
+    if isinstance(err, pickle.UnpicklingError):
+        return f"it holds objects that weights_only loading refuses ({str(err).splitlines()[0]})"
+    text = head.decode("utf-8", errors="replace").splitlines()[0][:40]
+    return f"it is not a file written by torch.save (it starts with {text!r})"
 
 
 def rng_states() -> dict:

@@ -7,6 +7,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..evaluation import evaluate
+from ..utils.signals import ignore_stop_signals
 
 
 def eval_loader(dataset, device, batch_size: int = 256, num_workers: int = 0, persistent_workers: bool = False,
@@ -16,7 +17,8 @@ def eval_loader(dataset, device, batch_size: int = 256, num_workers: int = 0, pe
     # A private generator: creating the iterator draws a worker seed from it, not from the global
     # RNG, so evaluating in the middle of training leaves the training's random stream as it was.
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      pin_memory=torch.device(device).type == "cuda", generator=torch.Generator(), **workers)
+                      pin_memory=torch.device(device).type == "cuda", generator=torch.Generator(),
+                      worker_init_fn=ignore_stop_signals, **workers)
 
 
 @torch.no_grad()

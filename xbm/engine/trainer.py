@@ -37,10 +37,11 @@ from ..utils.distributed import (all_gather_batch, all_gather_object, all_gather
                                  broadcast_object, get_rank, get_world_size, init_distributed, sum_over_ranks)
 from ..utils.env import seed_everything
 from ..utils.logger import setup_logger
-from .checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
+from .checkpoint import CHECKPOINT_KEYS, load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from .drift import DriftMonitor
 from .evaluator import Evaluator
 from .performance import check_runtime, compiled, configure_backends, evaluation_amp_dtype, memory_format
+from .run_guard import TrainingStopped, stop_agreed
 from .solver import build_optimizer, build_scheduler
 
 # Keys that may change between a checkpoint and the run that resumes it: they change how long or
@@ -130,6 +131,7 @@ class Trainer:
         self.logger = setup_logger(self.output_dir if self.is_main else None)
         if not self.is_main:
             self.logger.setLevel(logging.WARNING)  # the other ranks report problems only
+        self.logger.debug(f"config (defaults <- config file <- command line):\n{cfg.dump()}")
         seed_everything(cfg.SOLVER.SEED)
 
         self.amp_dtype = check_runtime(cfg, self.device)  # before any data is read
@@ -154,6 +156,7 @@ class Trainer:
         self.skipped_steps = 0  # steps skipped for a non-finite loss, in all
         self.nonfinite_streak = 0  # ... and in a row, up to now
         self._buffer_backup = None  # the model's buffers before the step in progress
+        self._tasks_without_positives_reported = set()
         if self.rank > 0:
             # Same weights everywhere (DDP copies rank 0's), but each rank its own augmentations.
             seed_everything(cfg.SOLVER.SEED + self.rank)
@@ -276,7 +279,7 @@ class Trainer:
                 return
         # Read on the CPU: load_state_dict moves weights, optimizer and memory state to their
         # device, and the random states must stay CPU tensors (see restore_rng_states).
-        state = load_checkpoint(path, map_location="cpu")
+        state = load_checkpoint(path, map_location="cpu", required=CHECKPOINT_KEYS)
         import yaml  # yacs depends on PyYAML
 
         diffs = config_differences(yaml.safe_load(state["config"]), yaml.safe_load(self.cfg.dump()))
@@ -462,9 +465,20 @@ class Trainer:
                             writer.add_scalar(f"{task}/{name}", value, self.iteration)
             self.logger.info(f"evaluation at iteration {self.iteration} ({time.time() - start:.1f} s):\n"
                              + format_results(results))
+            self._report_queries_without_positives(results)
         results = broadcast_object(results)  # the other ranks' barrier
         self._keep_best(results)
         return results
+
+    def _report_queries_without_positives(self, results: dict) -> None:
+        """Once per task and run (the count depends on the data, not on the model)."""
+        for task, metrics in results.items():
+            count = metrics.get("num_queries_without_positive", 0)
+            if count and task not in self._tasks_without_positives_reported:
+                self._tasks_without_positives_reported.add(task)
+                self.logger.warning(
+                    f"evaluation task {task!r}: {count} of {metrics.get('num_queries')} queries have no image of "
+                    "their class in the gallery; they count as misses in R@K and are left out of MAP@R and RP")
 
     def _keep_best(self, results: dict) -> None:
         """checkpoints/best.pth: the best validation score so far (never chosen on the test set)."""
@@ -496,6 +510,10 @@ class Trainer:
             self.drift.step(self.model, self.iteration)  # the first snapshot
         try:
             while self.iteration < max_iters:
+                stop_signal = stop_agreed(self.device, self.world_size)  # SIGINT/SIGTERM (xbm-train)
+                if stop_signal:
+                    self.save()
+                    raise TrainingStopped(self.iteration, self.checkpoint_path, stop_signal)
                 images, labels = next(batches)
                 parts = self.train_step(images, labels)
                 self.iteration += 1
