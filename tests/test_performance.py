@@ -162,12 +162,12 @@ def test_resume_reads_random_states_on_the_cpu_whatever_the_device(glyph_root, t
     real_load = checkpoint_module.load_checkpoint
     mapped_to = []
 
-    def load_like_torch(path, map_location="cpu"):
+    def load_like_torch(path, map_location="cpu", **kwargs):
         # What torch.load(map_location="cuda") does to the random states on a GPU machine: they
         # arrive as tensors of that device, which torch.set_rng_state and .numpy() refuse. "meta"
         # stands in for the GPU here (it refuses the same way).
         mapped_to.append(str(map_location))
-        state = real_load(path)
+        state = real_load(path, **kwargs)
         if str(map_location) != "cpu":
             state["rng"]["torch"] = state["rng"]["torch"].to("meta")
         return state
