@@ -13,7 +13,9 @@ setup(
     extras_require={
         # faiss with GPU indexes instead of faiss-cpu (install one of the two)
         "gpu": ["faiss-gpu>=1.7.4"],
-        "dev": ["pytest>=7"],
+        "dev": ["pytest>=7", "submitit>=1.5"],  # submitit: the cluster launchers' tests
+        # scripts/sweep.py --launcher slurm / submitit-local and scripts/submit.py
+        "cluster": ["submitit>=1.5"],
         # peers measured side by side in benchmarks/
         "bench": ["pytorch-metric-learning>=2.3"],
     },
