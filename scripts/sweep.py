@@ -37,6 +37,15 @@ axis or of XBM.SIZE, "no memory", drawn as a dashed horizontal line), one line p
 other grid keys, mean +- std band over seeds (error bars where a line has one point or the axis is
 not numeric).
 A child that fails is listed as failed with its log; the others go on; the exit status is then 1.
+
+On a cluster (--launcher slurm, through submitit; xbm/cluster.py): every unfinished run is one job
+running the same command, all in one SLURM job array, with --partition, --gpus-per-node (one
+process per GPU, torchrun's variables set), --nodes, --time, --cpus-per-gpu, --account, --qos,
+--constraint and --sbatch NAME[=VALUE]; submitit's files go to DIR/submitit. A job signalled before
+its time limit or at preemption saves a checkpoint and is requeued, and resumes. The sweep waits
+for the jobs, then writes the same outputs. --launcher submitit-local runs the same jobs as local
+subprocesses. Nothing is submitted without sbatch, when sbatch refuses the job (its message is
+shown), or for more than --max-jobs jobs without --yes.
 """
 from __future__ import annotations
 
