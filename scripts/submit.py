@@ -11,7 +11,8 @@ Before the time limit, or when SLURM preempts it, the training saves a checkpoin
 requeued; the requeued job continues from that checkpoint (xbm/cluster.py says how).
 The cluster options are those of scripts/sweep.py --launcher slurm; `--launcher submitit-local`
 runs the same job as a local subprocess. Nothing is submitted when the run in OUTPUT_DIR is
-already finished or was trained with another config. With --wait the command stays until the job
+already finished or was trained with another config, or while the job submitted for it last is
+still queued or running. With --wait the command stays until the job
 ends and prints its final metrics; without it, it prints the job id and returns.
 """
 from __future__ import annotations
@@ -27,7 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import sweep  # noqa: E402  (scripts/sweep.py: the run, its command and its checks are shared)
 from xbm.cluster import (  # noqa: E402
-    CLUSTER_LAUNCHERS, ClusterError, add_cluster_arguments, make_executor, options_from_args, submit, wait_for,
+    CLUSTER_LAUNCHERS, ClusterError, add_cluster_arguments, check_no_active_jobs, make_executor, options_from_args,
+    record_jobs, submit, wait_for,
 )
 from xbm.config import ConfigError, load_cfg  # noqa: E402
 from xbm.utils.plotting import final_metrics, read_metrics  # noqa: E402
@@ -69,8 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         if differences:
             raise ClusterError(f"{run.folder} holds a run with another config (its value -> this one's): "
                                + "; ".join(differences) + ": choose another OUTPUT_DIR or delete that folder")
-        executor = make_executor(options, os.path.join(run.folder, sweep.SUBMITIT_FOLDER))
+        folder = os.path.join(run.folder, sweep.SUBMITIT_FOLDER)
+        check_no_active_jobs(folder, options.launcher)
+        executor = make_executor(options, folder)
         [job] = submit(executor, sweep.training_jobs([run], args.cfg))
+        record_jobs(folder, options.launcher, {run.name: job.job_id})
     except (ConfigError, ClusterError, ValueError) as err:
         parser.exit(2, f"error: {err}\n")
     print(f"submitted job {job.job_id} ({options.launcher}): {run.folder}, console output in {run.log_path}, "

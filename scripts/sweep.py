@@ -43,7 +43,8 @@ running the same command, all in one SLURM job array, with --partition, --gpus-p
 process per GPU, torchrun's variables set), --nodes, --time, --cpus-per-gpu, --account, --qos,
 --constraint and --sbatch NAME[=VALUE]; submitit's files go to DIR/submitit. A job signalled before
 its time limit or at preemption saves a checkpoint and is requeued, and resumes. The sweep waits
-for the jobs, then writes the same outputs. --launcher submitit-local runs the same jobs as local
+for the jobs, then writes the same outputs (while jobs of its last submission are still queued or
+running, it submits nothing: DIR/submitit/jobs.json). --launcher submitit-local runs the same jobs as local
 subprocesses. Nothing is submitted without sbatch, when sbatch refuses the job (its message is
 shown), or for more than --max-jobs jobs without --yes.
 """
@@ -414,13 +415,14 @@ def execute_on_cluster(plan: Plan, cfg_file: str | None, options, folder: str,
                        echo: Callable[[str], None] = print) -> dict[str, tuple[str, str]]:
     """execute() through submitit: every unfinished run one job (one job array on SLURM), then wait
     for them all. Raises ClusterError (nothing submitted) for too many jobs or a refused submission."""
-    from xbm.cluster import check_job_count, make_executor, submit, wait_for
+    from xbm.cluster import check_job_count, check_no_active_jobs, make_executor, record_jobs, submit, wait_for
 
     outcome, pending = split_finished(plan)
     check_job_count(len(pending), options)
     if not pending:
         announce(plan, outcome, pending, "nothing to submit", echo)
         return outcome
+    check_no_active_jobs(folder, options.launcher)  # their runs would be trained twice at once
     executor = make_executor(options, folder)
     how = (f"one {options.launcher} job each, {options.nodes} node(s) x {options.tasks_per_node} process(es) "
            f"per run, {options.time_min} min per job")
@@ -428,6 +430,7 @@ def execute_on_cluster(plan: Plan, cfg_file: str | None, options, folder: str,
     start = time.time()
     jobs = submit(executor, training_jobs(pending, cfg_file))
     ids = [job.job_id for job in jobs]
+    record_jobs(folder, options.launcher, {run.name: job_id for run, job_id in zip(pending, ids)})
     echo(f"submitted job{'s' if len(ids) > 1 else ''} {ids[0]}{f' .. {ids[-1]}' if len(ids) > 1 else ''}; "
          f"submitit logs in {folder}; each run's output in its console.log")
     counter = itertools.count(1)

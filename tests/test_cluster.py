@@ -269,3 +269,25 @@ def test_two_processes_per_run_are_torchruns_ddp_and_resume_after_preemption(tmp
     ra, rb = (json.loads((run / "metrics.jsonl").read_text().splitlines()[-1]) for run in (reference, out))
     for key in ("R@1", "R@10", "MAP@R"):
         assert rb[key] == pytest.approx(ra[key], abs=1e-6)
+
+
+def test_no_second_submission_while_the_last_ones_jobs_are_queued(tmp_path, monkeypatch, capsys):
+    calls = _fake_slurm(tmp_path / "bin", 'echo "Submitted batch job 4242"')
+    squeue = tmp_path / "bin" / "squeue"  # lists array 4242's tasks while any is queued or running
+    squeue.write_text(f'#!/bin/sh\n[ -f {tmp_path}/ended ] && exit 0\n[ "$5" = 4242 ] && echo "4242_[1-3]" && '
+                      'echo 4242_0\nexit 0\n')
+    squeue.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    folder = tmp_path / "s" / "submitit"
+    cluster.record_jobs(str(folder), "slurm", {f"run{i}": f"4242_{i}" for i in range(4)})
+    with pytest.raises(SystemExit) as exit_info:
+        sweep.main(_sweep_argv(tmp_path / "s"))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: job(s) 4242 of the last submission from here ({folder}/jobs.json) are still queued or running: "
+        "wait for them to end and run this again to collect the results, or cancel them (scancel 4242) first\n")
+    assert not calls.exists()
+    (tmp_path / "ended").touch()
+    assert cluster.active_jobs(str(folder)) == []
+    cluster.record_jobs(str(folder), "submitit-local", {"run0": str(os.getpid())})  # not a submitit controller
+    assert cluster.active_jobs(str(folder)) == []

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import os
 import re
 import shlex
@@ -46,6 +47,7 @@ DEFAULT_MAX_JOBS = 50
 DEFAULT_SIGNAL_DELAY_S = 120
 # Requeues after a time limit before submitit gives up (preemptions do not count).
 DEFAULT_MAX_TIMEOUTS = 20
+JOBS_FILE = "jobs.json"  # in the submitit folder: the job id of each run of the last submission
 BASE_PORT, PORT_RANGE = 29500, 10000  # MASTER_PORT = BASE_PORT + job id mod PORT_RANGE
 
 
@@ -226,6 +228,55 @@ def submit(executor, jobs: Sequence["TrainingJob"]) -> list:
             return executor.submit_array(list(jobs)) if len(jobs) > 1 else [executor.submit(jobs[0])]
     except (FailedJobError, FailedSubmissionError, subprocess.CalledProcessError, OSError) as err:
         raise ClusterError(f"sbatch refused the submission, so nothing was submitted: {sbatch_message(err)}") from None
+
+
+def record_jobs(folder: str, launcher: str, job_ids: dict[str, str]) -> None:
+    """Remember the job of each run (folder/jobs.json), so a second submission can see them."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, JOBS_FILE)
+    with open(path + ".tmp", "w", encoding="utf-8") as handle:
+        json.dump({"launcher": launcher, "jobs": job_ids}, handle, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def active_jobs(folder: str) -> list[str]:
+    """The jobs of the last submission recorded in `folder` that are still queued or running."""
+    try:
+        with open(os.path.join(folder, JOBS_FILE), encoding="utf-8") as handle:
+            recorded = json.load(handle)
+    except (OSError, ValueError):
+        return []
+    ids = list(dict.fromkeys(str(i).split("_")[0] for i in recorded.get("jobs", {}).values()))
+    if recorded.get("launcher") == "slurm":
+        if shutil.which("squeue") is None:
+            return []
+        # squeue lists a job (or an array's queued and running tasks) until it ends; an ended one
+        # is no longer listed, or squeue says the id is invalid
+        active = []
+        for job_id in ids:
+            listed = subprocess.run(["squeue", "-h", "-o", "%i", "-j", job_id], capture_output=True, text=True)
+            if listed.returncode == 0 and listed.stdout.strip():
+                active.append(job_id)
+        return active
+    return [pid for pid in ids if _local_controller_alive(pid)]  # submitit-local: the job id is its pid
+
+
+def _local_controller_alive(pid: str) -> bool:
+    try:
+        with open(f"/proc/{int(pid)}/cmdline", "rb") as handle:
+            return b"submitit.local._local" in handle.read()
+    except (OSError, ValueError):
+        return False
+
+
+def check_no_active_jobs(folder: str, launcher: str) -> None:
+    busy = active_jobs(folder)
+    if busy:
+        cancel = f"scancel {' '.join(busy)}" if launcher == "slurm" else f"kill {' '.join(busy)}"
+        raise ClusterError(
+            f"job(s) {', '.join(busy)} of the last submission from here ({os.path.join(folder, JOBS_FILE)}) are still "
+            f"queued or running: wait for them to end and run this again to collect the results, or cancel them "
+            f"({cancel}) first")
 
 
 def job_result(job) -> int | str:
