@@ -69,6 +69,8 @@ def test_extra_sbatch_flags():
     for bad in ("=5", "mem=", "two words"):
         with pytest.raises(cluster.ClusterError, match="--sbatch"):
             cluster.parse_sbatch_flag(bad)
+    with pytest.raises(cluster.ClusterError, match="submitit's signal drives the save and requeue"):
+        cluster.parse_sbatch_flag("--signal=TERM@60")
 
 
 def test_each_task_gets_torchruns_variables():

@@ -47,6 +47,16 @@ DEFAULT_MAX_JOBS = 50
 DEFAULT_SIGNAL_DELAY_S = 120
 # Requeues after a time limit before submitit gives up (preemptions do not count).
 DEFAULT_MAX_TIMEOUTS = 20
+# sbatch options submitit and this launcher set themselves: changing them would break the job
+# array, the logs or the save-and-requeue signal.
+SUBMITIT_OWN_FLAGS = {
+    "array": "the launcher makes the job array itself (--array-parallelism caps it)",
+    "signal": "submitit's signal drives the save and requeue (set its timing with --signal-delay)",
+    "output": "submitit writes the logs into its folder", "error": "submitit writes the logs into its folder",
+    "open-mode": "submitit appends to its logs",
+    "ntasks-per-node": "one process per GPU: set --gpus-per-node", "ntasks": "one process per GPU: set --gpus-per-node",
+    "nodes": "use --nodes", "partition": "use --partition", "time": "use --time",
+}
 JOBS_FILE = "jobs.json"  # in the submitit folder: the job id of each run of the last submission
 BASE_PORT, PORT_RANGE = 29500, 10000  # MASTER_PORT = BASE_PORT + job id mod PORT_RANGE
 
@@ -108,6 +118,9 @@ def parse_sbatch_flag(text: str) -> tuple[str, Any]:
     name, sep, value = text.strip().lstrip("-").partition("=")
     if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", name) or (sep and not value):
         raise ClusterError(f"--sbatch {text!r}: expected an sbatch option as NAME=VALUE or NAME (e.g. mail-type=END)")
+    own = SUBMITIT_OWN_FLAGS.get(name.replace("_", "-"))
+    if own:
+        raise ClusterError(f"--sbatch {text!r}: {own}")
     return name, (value if sep else True)
 
 
