@@ -213,7 +213,8 @@ def make_executor(options: ClusterOptions, folder: str):
         executor.update_parameters(**params)
     elif options.launcher == "submitit-local":
         if options.nodes != 1:
-            raise ClusterError(f"--launcher submitit-local runs on this machine only: --nodes must be 1, got {options.nodes}")
+            raise ClusterError("--launcher submitit-local runs on this machine only: "
+                               f"--nodes must be 1, got {options.nodes}")
         executor = submitit.LocalExecutor(folder=folder, max_num_timeout=options.max_timeouts)
         executor.update_parameters(timeout_min=options.time_min, tasks_per_node=options.tasks_per_node,
                                    gpus_per_node=options.gpus_per_node, signal_delay_s=options.signal_delay_s)
