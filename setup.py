@@ -16,7 +16,9 @@ setup(
         "cpu": ["faiss-cpu>=1.7.4"],
         # faiss with GPU indexes (CUDA 12 build with its own CUDA runtime wheels)
         "gpu": ["faiss-gpu>=1.15"],
-        "dev": ["pytest>=7"],
+        "dev": ["pytest>=7", "submitit>=1.5"],  # submitit: the cluster launchers' tests
+        # scripts/sweep.py --launcher slurm / submitit-local and scripts/submit.py
+        "cluster": ["submitit>=1.5"],
         # peers measured side by side in benchmarks/
         "bench": ["pytorch-metric-learning>=2.3"],
     },

@@ -37,6 +37,16 @@ axis or of XBM.SIZE, "no memory", drawn as a dashed horizontal line), one line p
 other grid keys, mean +- std band over seeds (error bars where a line has one point or the axis is
 not numeric).
 A child that fails is listed as failed with its log; the others go on; the exit status is then 1.
+
+On a cluster (--launcher slurm, through submitit; xbm/cluster.py): every unfinished run is one job
+running the same command, all in one SLURM job array, with --partition, --gpus-per-node (one
+process per GPU, torchrun's variables set), --nodes, --time, --cpus-per-gpu, --account, --qos,
+--constraint and --sbatch NAME[=VALUE]; submitit's files go to DIR/submitit. A job signalled before
+its time limit or at preemption saves a checkpoint and is requeued, and resumes. The sweep waits
+for the jobs, then writes the same outputs (while jobs of its last submission are still queued or
+running, it submits nothing: DIR/submitit/jobs.json). --launcher submitit-local runs the same jobs as local
+subprocesses. Nothing is submitted without sbatch, when sbatch refuses the job (its message is
+shown), or for more than --max-jobs jobs without --yes.
 """
 from __future__ import annotations
 
@@ -59,6 +69,7 @@ from typing import Any, Callable, Sequence
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from xbm.cluster import CLUSTER_LAUNCHERS, ClusterError, add_cluster_arguments, options_from_args  # noqa: E402
 from xbm.config import ConfigError, load_cfg  # noqa: E402
 from xbm.utils.plotting import (  # noqa: E402
     final_metrics, mean_and_std, new_figure, read_metrics, save_figure, spans_decades,
@@ -71,6 +82,7 @@ MEMORY_ONLY_KEYS = ("XBM.SIZE", "XBM.START_ITERATION", "XBM.WEIGHT", "XBM.DTYPE"
 # Keys the sweep sets itself.
 RESERVED_KEYS = ("OUTPUT_DIR", "SOLVER.SEED")
 CONSOLE_LOG = "console.log"
+SUBMITIT_FOLDER = "submitit"  # in the sweep's folder: submitit's job files and logs (cluster launchers)
 
 
 class SweepError(ValueError):
@@ -314,6 +326,35 @@ def launch_training(run: Run, command: list[str], env: dict[str, str]) -> int:
 
 
 # ---------------------------------------------------------------------------------------- running
+def split_finished(plan: Plan) -> tuple[dict[str, tuple[str, str]], list[Run]]:
+    """({name: ("skipped", ...)} of the finished runs, the runs still to train), in launch order."""
+    outcome: dict[str, tuple[str, str]] = {}
+    pending = []
+    for run in plan.runs.values():
+        if is_finished(run):
+            outcome[run.name] = ("skipped", "already finished")
+        else:
+            pending.append(run)
+    return outcome, pending
+
+
+def announce(plan: Plan, outcome: dict, pending: list[Run], how: str, echo: Callable[[str], None]) -> None:
+    shared = len(plan.rows) - len(plan.runs)
+    shared_note = f" ({shared} rows without a memory share another row's run)" if shared else ""
+    echo(f"{len(plan.rows)} rows (combination x seed), {len(plan.runs)} runs{shared_note}: "
+         f"{len(outcome)} already finished, {len(pending)} to train, {how}")
+
+
+def outcome_of(run: Run, code: int | str, start: float) -> tuple[str, str]:
+    """("ran", duration) if the training exited 0 and left its final evaluation, else ("failed", why)."""
+    if code != 0:
+        return ("failed", f"exit status {code}; see {run.log_path}" if isinstance(code, int) else f"{code}")
+    if not is_finished(run):
+        return ("failed", f"exited 0 but {run.folder}/metrics.jsonl has no evaluation at iteration "
+                          f"{run.max_iters}; see {run.log_path}")
+    return ("ran", f"{time.time() - start:.0f} s")
+
+
 Launcher = Callable[[Run, list, dict], int]
 
 
@@ -325,17 +366,8 @@ def execute(plan: Plan, cfg_file: str | None, jobs: int = 1, launcher: Launcher 
 
     status: "skipped" (already finished), "ran" (finished now) or "failed" (detail says why).
     """
-    outcome: dict[str, tuple[str, str]] = {}
-    pending = []
-    for run in plan.runs.values():
-        if is_finished(run):
-            outcome[run.name] = ("skipped", "already finished")
-        else:
-            pending.append(run)
-    shared = len(plan.rows) - len(plan.runs)
-    shared_note = f" ({shared} rows without a memory share another row's run)" if shared else ""
-    echo(f"{len(plan.rows)} rows (combination x seed), {len(plan.runs)} runs{shared_note}: "
-         f"{len(outcome)} already finished, {len(pending)} to train, {jobs} at a time")
+    outcome, pending = split_finished(plan)
+    announce(plan, outcome, pending, f"{jobs} at a time", echo)
     env = child_environment(jobs)
     lock = threading.Lock()
     counter = itertools.count(1)
@@ -356,14 +388,7 @@ def execute(plan: Plan, cfg_file: str | None, jobs: int = 1, launcher: Launcher 
             code = f"not started: {err}"
         finally:
             free_slots.put(slot)
-        if code != 0:
-            result = ("failed", f"exit status {code}; see {run.log_path}" if isinstance(code, int)
-                      else f"{code}")
-        elif not is_finished(run):
-            result = ("failed", f"exited 0 but {run.folder}/metrics.jsonl has no evaluation at iteration "
-                                f"{run.max_iters}; see {run.log_path}")
-        else:
-            result = ("ran", f"{time.time() - start:.0f} s")
+        result = outcome_of(run, code, start)
         with lock:
             outcome[run.name] = result
             echo(f"        {run.name}: {result[0]} ({result[1]})")
@@ -375,6 +400,52 @@ def execute(plan: Plan, cfg_file: str | None, jobs: int = 1, launcher: Launcher 
         with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
             for future in [pool.submit(train, run) for run in pending]:
                 future.result()
+    return outcome
+
+
+def training_jobs(runs: list[Run], cfg_file: str | None) -> list:
+    """One submitit job per run: the command the local launcher runs, its console.log, its environment."""
+    from xbm.cluster import TrainingJob
+
+    defaults = {k: v for k, v in child_environment(1).items() if k not in os.environ}
+    return [TrainingJob(command_of(run, cfg_file), run.folder, os.getcwd(), defaults, CONSOLE_LOG) for run in runs]
+
+
+def execute_on_cluster(plan: Plan, cfg_file: str | None, options, folder: str,
+                       echo: Callable[[str], None] = print) -> dict[str, tuple[str, str]]:
+    """execute() through submitit: every unfinished run one job (one job array on SLURM), then wait
+    for them all. Raises ClusterError (nothing submitted) for too many jobs or a refused submission."""
+    from xbm.cluster import check_job_count, check_no_active_jobs, make_executor, record_jobs, submit, wait_for
+
+    outcome, pending = split_finished(plan)
+    check_job_count(len(pending), options)
+    if not pending:
+        announce(plan, outcome, pending, "nothing to submit", echo)
+        return outcome
+    check_no_active_jobs(folder, options.launcher)  # their runs would be trained twice at once
+    executor = make_executor(options, folder)
+    how = (f"one {options.launcher} job each, {options.nodes} node(s) x {options.tasks_per_node} process(es) "
+           f"per run, {options.time_min} min per job")
+    announce(plan, outcome, pending, how, echo)
+    start = time.time()
+    jobs = submit(executor, training_jobs(pending, cfg_file))
+    ids = [job.job_id for job in jobs]
+    record_jobs(folder, options.launcher, {run.name: job_id for run, job_id in zip(pending, ids)})
+    echo(f"submitted job{'s' if len(ids) > 1 else ''} {ids[0]}{f' .. {ids[-1]}' if len(ids) > 1 else ''}; "
+         f"submitit logs in {folder}; each run's output in its console.log")
+    counter = itertools.count(1)
+    by_name = {run.name: run for run in pending}
+
+    def done(name: str, code) -> None:
+        outcome[name] = outcome_of(by_name[name], code, start)
+        echo(f"[{next(counter)}/{len(pending)}] {name}: {outcome[name][0]} ({outcome[name][1]})")
+
+    try:
+        wait_for({run.name: job for run, job in zip(pending, jobs)}, done, 10.0 if options.launcher == "slurm" else 1.0)
+    except KeyboardInterrupt:
+        echo("\nstopped waiting: the jobs go on (and requeue themselves); when they have ended, run the same "
+             "command again to collect the results (finished runs are not submitted again)")
+        raise SystemExit(130) from None
     return outcome
 
 
@@ -598,6 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true", help="print the runs and their commands; train nothing")
     parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
                         help="overrides for every run, e.g. SOLVER.MAX_ITERS 500")
+    add_cluster_arguments(parser)
     return parser
 
 
@@ -611,7 +683,12 @@ def main(argv: list[str] | None = None, launcher: Launcher = launch_training) ->
     gpus = [g.strip() for g in args.gpus.split(",")] if args.gpus else []
     if any(not g for g in gpus):
         parser.error(f"--gpus takes comma-separated GPU ids such as 0,1,2,3, got {args.gpus!r}")
+    on_cluster = args.launcher in CLUSTER_LAUNCHERS
+    if on_cluster and (args.gpus or args.jobs != 1):
+        parser.error(f"--gpus and --jobs spread runs over this machine; with --launcher {args.launcher} "
+                     "every run is a job of its own (set its GPUs with --gpus-per-node)")
     try:
+        options = options_from_args(args) if on_cluster else None
         grids = [parse_grid_option(spec) for spec in args.grid]
         plan = plan_sweep(args.cfg, grids, args.seeds, args.opts, args.output)
         for run in plan.runs.values():
@@ -628,14 +705,20 @@ def main(argv: list[str] | None = None, launcher: Launcher = launch_training) ->
                 "(its value -> the sweep's): "
                 + "; ".join(diffs) + ". Use another --output or delete those folders."
             )
-    except SweepError as err:
+    except (SweepError, ClusterError) as err:
         parser.exit(2, f"error: {err}\n")
     if args.dry_run:
         for run in plan.runs.values():
             state = "finished" if is_finished(run) else "to train"
             print(f"{run.name} [{state}]\n  {shlex.join(command_of(run, args.cfg))}")
         return 0
-    outcome = execute(plan, args.cfg, args.jobs, launcher, gpus=gpus)
+    if on_cluster:
+        try:
+            outcome = execute_on_cluster(plan, args.cfg, options, os.path.join(args.output, SUBMITIT_FOLDER))
+        except ClusterError as err:
+            parser.exit(2, f"error: {err}\n")
+    else:
+        outcome = execute(plan, args.cfg, args.jobs, launcher, gpus=gpus)
     try:
         report(plan, outcome, args.output, args.metric)
     except SweepError as err:
