@@ -1,6 +1,9 @@
 """Checks of a merged config that must fail before any data is read or any step is taken."""
 from yacs.config import CfgNode
 
+# XBM.FILL_FROM: ours (every batch enters the memory) | the official trainer's (from XBM.START_ITERATION)
+MEMORY_FILL_FROM = ("iteration_0", "start_iteration")
+
 
 def check_cfg(cfg: CfgNode) -> None:
     """Raise ValueError with one sentence naming the key and what to do."""
@@ -17,6 +20,8 @@ def check_cfg(cfg: CfgNode) -> None:
             f"XBM.SIZE ({cfg.XBM.SIZE}) is smaller than DATA.BATCH_SIZE ({batch}): the memory must hold "
             "at least one batch; raise XBM.SIZE or set XBM.ENABLE False"
         )
+    if cfg.XBM.FILL_FROM not in MEMORY_FILL_FROM:
+        raise ValueError(f"XBM.FILL_FROM {cfg.XBM.FILL_FROM!r} is not one of {MEMORY_FILL_FROM}")
     if cfg.XBM.ENABLE and cfg.XBM.WEIGHT < 0:
         raise ValueError(f"XBM.WEIGHT must be >= 0, got {cfg.XBM.WEIGHT}")
     if cfg.LOSS.INBATCH_WEIGHT < 0:

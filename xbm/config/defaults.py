@@ -83,6 +83,11 @@ _C.XBM.START_ITERATION = 100
 _C.XBM.WEIGHT = 1.0
 # Storage type of the memory: float32 | float16 | bfloat16 (half the bytes, slightly rounded)
 _C.XBM.DTYPE = "float32"
+# When batches start entering the memory: iteration_0 (every batch from the first step, so the
+# memory is full when its loss starts) | start_iteration (only from XBM.START_ITERATION on, so the
+# memory grows from empty, as the official trainer does: research-xbm
+# ret_benchmark/engine/trainer.py:105-106@223ecdc)
+_C.XBM.FILL_FROM = "iteration_0"
 
 _C.XBM.ADAPT = CN()
 # Memory adaptation before each step: none (XBM) | xbn (moment matching) | axbn (Kalman) | ema

@@ -169,7 +169,8 @@ class Trainer:
         if self.memory is not None:
             log(f"cross-batch memory: {self.memory.size} x {self.cfg.MODEL.HEAD.DIM} {self.cfg.XBM.DTYPE}, "
                 f"{self.memory.nbytes / 2**20:.2f} MiB; adaptation {self.cfg.XBM.ADAPT.NAME}; "
-                f"memory loss from iteration {self.cfg.XBM.START_ITERATION} with weight {self.cfg.XBM.WEIGHT}")
+                f"memory loss from iteration {self.cfg.XBM.START_ITERATION} with weight {self.cfg.XBM.WEIGHT}; "
+                f"filled from {self.cfg.XBM.FILL_FROM}")
         else:
             log("cross-batch memory off (in-batch loss only)")
 
@@ -344,6 +345,8 @@ class Trainer:
             total = cfg.LOSS.INBATCH_WEIGHT * loss
         if self.memory is not None:
             batch = batch_embeddings.detach()
+            if not self._memory_fills():
+                return total, parts
             if self.adapter is not None and len(self.memory) > 0:
                 self.memory.adapt_(self.adapter, batch)  # global-batch moments: every rank adapts alike
             slots = self.memory.enqueue(batch, batch_labels)
@@ -355,6 +358,10 @@ class Trainer:
                 parts.update(_stats("memory", loss, self.criterion))
                 total = cfg.XBM.WEIGHT * loss if total is None else total + cfg.XBM.WEIGHT * loss
         return total, parts
+
+    def _memory_fills(self) -> bool:
+        """Whether this step's batch enters the memory (XBM.FILL_FROM)."""
+        return self.cfg.XBM.FILL_FROM == "iteration_0" or self.iteration >= self.cfg.XBM.START_ITERATION
 
     def train_step(self, images, labels) -> dict:
         images = images.to(self.device, non_blocking=True)
