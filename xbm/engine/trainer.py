@@ -27,7 +27,7 @@ from tqdm import tqdm
 from ..config import check_cfg
 from ..data.datasets import build_dataset, dataset_class
 from ..data.loader import build_train_loader
-from ..data.sampler import MPerClassBatchSampler
+from ..data.sampler import sampler_class
 from ..data.transforms import build_transforms
 from ..data.validation import split_validation
 from ..losses import build_loss
@@ -40,7 +40,7 @@ from ..utils.logger import setup_logger
 from .checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from .drift import DriftMonitor
 from .evaluator import Evaluator
-from .solver import build_optimizer, build_scheduler
+from .solver import build_optimizer, build_plateau, build_scheduler
 
 # Keys that may change between a checkpoint and the run that resumes it: they change how long or
 # where a run goes, not what it computes.
@@ -140,10 +140,12 @@ class Trainer:
         self.adapter = build_adapter(cfg) if self.memory is not None else None
         self.drift = self._drift_monitor() if cfg.XBM.DRIFT.ENABLE and self.is_main else None
         self.optimizer = build_optimizer(cfg, [p for p in self.model.parameters() if p.requires_grad])
-        self.scheduler = build_scheduler(cfg, self.optimizer)
+        self.plateau = build_plateau(cfg)  # SOLVER.SCHEDULER plateau: a factor stepped by evaluations
+        self.scheduler = build_scheduler(cfg, self.optimizer, self.plateau)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.iteration = 0
         self.best_metric = None  # best validation TEST.SELECT_METRIC so far
+        self.best_on_test = None  # TEST.REPORT_BEST_ON_TEST: the evaluation with the best test score (optimistic)
         if self.rank > 0:
             # Same weights everywhere (DDP copies rank 0's), but each rank its own augmentations.
             seed_everything(cfg.SOLVER.SEED + self.rank)
@@ -171,6 +173,9 @@ class Trainer:
                 f"{self.memory.nbytes / 2**20:.2f} MiB; adaptation {self.cfg.XBM.ADAPT.NAME}; "
                 f"memory loss from iteration {self.cfg.XBM.START_ITERATION} with weight {self.cfg.XBM.WEIGHT}; "
                 f"filled from {self.cfg.XBM.FILL_FROM}")
+        if self.plateau is not None and self.cfg.SOLVER.PLATEAU.SPLIT != "val":
+            self.logger.warning(f"SOLVER.PLATEAU.SPLIT {self.cfg.SOLVER.PLATEAU.SPLIT}: the learning rate is "
+                                "driven by the test set, so every test number of this run is OPTIMISTIC")
         else:
             log("cross-batch memory off (in-batch loss only)")
 
@@ -222,7 +227,7 @@ class Trainer:
 
     def _train_loader(self) -> DataLoader:
         cfg = self.cfg
-        sampler = MPerClassBatchSampler(
+        sampler = sampler_class(cfg.DATA.SAMPLER)(
             self.train_set.labels, cfg.DATA.BATCH_SIZE, cfg.DATA.NUM_INSTANCES,
             seed=cfg.SOLVER.SEED, start_batch=self.iteration, rank=self.rank, world_size=self.world_size,
         )
@@ -239,6 +244,8 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "best_metric": self.best_metric,
+            "plateau": self.plateau.state_dict() if self.plateau is not None else None,
+            "best_on_test": self.best_on_test,
             "memory": self.memory.state_dict() if self.memory is not None else None,
             "adapter": self.adapter.state_dict() if self.adapter is not None else None,
             "drift": self.drift.state_dict() if self.drift is not None else None,
@@ -283,6 +290,9 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.best_metric = state["best_metric"]
+        if self.plateau is not None and state.get("plateau") is not None:
+            self.plateau.load_state_dict(state["plateau"])
+        self.best_on_test = state.get("best_on_test")
         if self.memory is not None:
             self.memory.load_state_dict(state["memory"])
         if self.adapter is not None:
@@ -422,7 +432,46 @@ class Trainer:
                              + format_results(results))
         results = broadcast_object(results)  # the other ranks' barrier
         self._keep_best(results)
+        self._step_plateau(results)
+        self._report_best_on_test(results)
         return results
+
+    def _step_plateau(self, results: dict) -> None:
+        """SOLVER.SCHEDULER plateau: one step with this evaluation's score (every rank, same numbers)."""
+        if self.plateau is None:
+            return
+        split, metric = self.cfg.SOLVER.PLATEAU.SPLIT, self.cfg.SOLVER.PLATEAU.METRIC
+        if metric not in results.get(split, {}):
+            raise ValueError(f"SOLVER.PLATEAU.METRIC {metric!r} of task {split!r} is not among this "
+                             f"evaluation's results {sorted(results.get(split, {}))}")
+        if self.plateau.step(results[split][metric]):
+            # Apply now, not from the next scheduler step: the next iteration runs at the new rate.
+            factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+            for group, base_lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+                group["lr"] = base_lr * factor
+            self.logger.info(f"{split} {metric} has not improved for {self.cfg.SOLVER.PLATEAU.PATIENCE + 1} "
+                             f"evaluations: learning rate x {self.cfg.SOLVER.PLATEAU.FACTOR} "
+                             f"-> {self.optimizer.param_groups[0]['lr']:.3g}")
+
+    def _report_best_on_test(self, results: dict) -> None:
+        """TEST.REPORT_BEST_ON_TEST: the official code's best-on-test report, labelled optimistic."""
+        if not self.cfg.TEST.REPORT_BEST_ON_TEST:
+            return
+        task = next(t for t in results if t != "val")  # the dataset's first evaluation task
+        metric = self.cfg.TEST.SELECT_METRIC
+        score = results[task][metric]
+        if self.best_on_test is not None and score <= self.best_on_test["score"]:
+            return
+        self.best_on_test = {"optimistic": True, "chosen_on": f"{task} {metric}", "score": score,
+                             "iteration": self.iteration, "results": results}
+        if self.is_main:
+            path = os.path.join(self.output_dir, "best_on_test_OPTIMISTIC.json")
+            with open(path + ".tmp", "w") as f:
+                json.dump(self.best_on_test, f, indent=1)
+            os.replace(path + ".tmp", path)
+            self.logger.info(f"OPTIMISTIC (chosen on the test set, as the official code reports): best {task} "
+                             f"{metric} so far {100 * score:.2f} at iteration {self.iteration}; not a result to "
+                             "report as such (the last iteration and best.pth are)")
 
     def _keep_best(self, results: dict) -> None:
         """checkpoints/best.pth: the best validation score so far (never chosen on the test set)."""

@@ -7,10 +7,10 @@ from .head import EmbeddingHead
 
 
 class EmbeddingModel(nn.Module):
-    def __init__(self, backbone: nn.Module, dim: int):
+    def __init__(self, backbone: nn.Module, dim: int, head_init: str = "pytorch"):
         super().__init__()
         self.backbone = backbone
-        self.head = EmbeddingHead(backbone.out_features, dim)
+        self.head = EmbeddingHead(backbone.out_features, dim, init=head_init)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(images))
@@ -19,4 +19,4 @@ class EmbeddingModel(nn.Module):
 def build_model(cfg) -> EmbeddingModel:
     if cfg.MODEL.HEAD.DIM < 1:
         raise ValueError(f"MODEL.HEAD.DIM must be positive, got {cfg.MODEL.HEAD.DIM}")
-    return EmbeddingModel(build_backbone(cfg), cfg.MODEL.HEAD.DIM)
+    return EmbeddingModel(build_backbone(cfg), cfg.MODEL.HEAD.DIM, head_init=cfg.MODEL.HEAD.INIT)
