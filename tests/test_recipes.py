@@ -304,3 +304,46 @@ def test_bad_fill_from_is_refused():
     cfg.XBM.FILL_FROM = "later"
     with pytest.raises(ValueError, match="XBM.FILL_FROM"):
         check_cfg(cfg)
+
+
+# ---------------------------------------------------------------- every paper setting cites its source
+SELF_EXPLANATORY = {"OUTPUT_DIR", "DATA.NAME", "DATA.ROOT"}
+
+
+def _leaf_lines(path):
+    """(full key, line) for every `key: value` line of a config file, from its indentation."""
+    stack = []
+    for line in open(path).read().splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        indent = (len(line) - len(line.lstrip())) // 2
+        key, _, value = line.strip().partition(":")
+        stack = stack[:indent] + [key]
+        if value.split("#")[0].strip():
+            yield ".".join(stack), line
+
+
+@pytest.mark.parametrize("name", sorted(
+    n for n in __import__("os").listdir("configs") if n.endswith(".yaml") and not n.startswith("glyphs")))
+def test_every_non_default_paper_setting_cites_a_source(name):
+    cfg, default = load_cfg(f"configs/{name}", []), get_cfg()
+    missing = []
+    for key, line in _leaf_lines(f"configs/{name}"):
+        value, default_value = cfg, default
+        for part in key.split("."):
+            value, default_value = value[part], default_value[part]
+        if key not in SELF_EXPLANATORY and value != default_value and "#" not in line:
+            missing.append(key)
+    assert not missing, f"{name}: no source beside {missing}"
+    assert "DESIGN" not in open(f"configs/{name}").read()
+
+
+def test_official_sop_config_is_the_official_behaviour():
+    cfg = load_cfg("configs/sop_xbm_official.yaml", [])
+    assert (cfg.DATA.SAMPLER, cfg.MODEL.BACKBONE.STEM_RELU, cfg.SOLVER.PLATEAU.SPLIT) == ("official", False, "test")
+    assert cfg.TEST.REPORT_BEST_ON_TEST and cfg.TEST.SELECT_METRIC == "MAP@R" and cfg.DATA.VAL_FRACTION == 0
+    paper = load_cfg("configs/sop_xbm.yaml", [])
+    assert (paper.DATA.SAMPLER, paper.MODEL.BACKBONE.STEM_RELU, paper.SOLVER.PLATEAU.SPLIT) == ("uniform", True, "val")
+    for c in (cfg, paper):
+        assert tuple(c.INPUT.CROP_SCALE) == (0.2, 1.0) and c.MODEL.HEAD.INIT == "kaiming_fan_out"
+        assert c.XBM.FILL_FROM == "start_iteration" and c.SOLVER.SCHEDULER == "plateau"
