@@ -1,6 +1,6 @@
 """The training loop: m-per-class batches, in-batch loss plus a loss against the cross-batch memory.
 
-One step (DESIGN.md section 1):
+One step:
   images -> model -> unit embeddings e
   [adapt the memory to the batch's moments (XBN / AXBN)]
   enqueue e.detach() (before the memory loss, so the memory loss sees the batch too)

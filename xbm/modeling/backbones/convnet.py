@@ -3,7 +3,7 @@
 A backbone maps images (N, 3, H, W) to pooled features (N, out_features):
 `forward_features` gives the last feature map, `forward` pools it.
 
-The conv net is the Glyphs network of DESIGN.md's calibration: 4 stages of two
+The conv net is the Glyphs network (see BENCHMARKS.md): 4 stages of two
 conv3x3-BN-ReLU each (widths MODEL.BACKBONE.CONVNET_WIDTHS), a 2x2 max-pool
 between stages, then global pooling. Built for 32 px inputs (32 -> 16 -> 8 -> 4),
 it runs at any size of at least 8 px.
