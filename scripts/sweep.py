@@ -20,7 +20,7 @@ Rules (each checked before anything is launched):
   config file. Any other XBM.SIZE of a grid sets XBM.ENABLE True, so a grid over the memory size
   means the same whatever the config file says.
 - With the memory off, the memory-only keys (XBM.SIZE, XBM.START_ITERATION, XBM.WEIGHT, XBM.DTYPE,
-  XBM.ADAPT.*) change nothing: combinations that differ only in them are one experiment, trained
+  XBM.FILL_FROM, XBM.ADAPT.*) change nothing: combinations that differ only in them are one experiment, trained
   once in a folder named without them (e.g. DIR/XBM.SIZE=0__seed=0) and reported under each.
 - A run is finished when its metrics.jsonl has an evaluation at iteration == SOLVER.MAX_ITERS.
   Finished runs are not launched again; unfinished ones are relaunched with --resume auto, so
@@ -78,7 +78,7 @@ from xbm.utils.plotting import (  # noqa: E402
 TRAIN_SCRIPT = os.path.join(ROOT, "tools", "train_net.py")
 SIZE_KEY = "XBM.SIZE"
 # Keys read only when XBM.ENABLE is True (a key ending with "." covers its whole sub-tree).
-MEMORY_ONLY_KEYS = ("XBM.SIZE", "XBM.START_ITERATION", "XBM.WEIGHT", "XBM.DTYPE", "XBM.ADAPT.")
+MEMORY_ONLY_KEYS = ("XBM.SIZE", "XBM.START_ITERATION", "XBM.WEIGHT", "XBM.DTYPE", "XBM.FILL_FROM", "XBM.ADAPT.")
 # Keys the sweep sets itself.
 RESERVED_KEYS = ("OUTPUT_DIR", "SOLVER.SEED")
 CONSOLE_LOG = "console.log"

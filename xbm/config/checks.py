@@ -1,6 +1,9 @@
 """Checks of a merged config that must fail before any data is read or any step is taken."""
 from yacs.config import CfgNode
 
+# XBM.FILL_FROM: ours (every batch enters the memory) | the official trainer's (from XBM.START_ITERATION)
+MEMORY_FILL_FROM = ("iteration_0", "start_iteration")
+
 
 def check_cfg(cfg: CfgNode) -> None:
     """Raise ValueError with one sentence naming the key and what to do."""
@@ -17,6 +20,8 @@ def check_cfg(cfg: CfgNode) -> None:
             f"XBM.SIZE ({cfg.XBM.SIZE}) is smaller than DATA.BATCH_SIZE ({batch}): the memory must hold "
             "at least one batch; raise XBM.SIZE or set XBM.ENABLE False"
         )
+    if cfg.XBM.FILL_FROM not in MEMORY_FILL_FROM:
+        raise ValueError(f"XBM.FILL_FROM {cfg.XBM.FILL_FROM!r} is not one of {MEMORY_FILL_FROM}")
     if cfg.XBM.ENABLE and cfg.XBM.WEIGHT < 0:
         raise ValueError(f"XBM.WEIGHT must be >= 0, got {cfg.XBM.WEIGHT}")
     if cfg.LOSS.INBATCH_WEIGHT < 0:
@@ -32,7 +37,22 @@ def check_cfg(cfg: CfgNode) -> None:
     for key in ("CHECKPOINT_PERIOD", "LOG_PERIOD", "WARMUP_ITERS"):
         if getattr(cfg.SOLVER, key) < 0:
             raise ValueError(f"SOLVER.{key} must be >= 0, got {getattr(cfg.SOLVER, key)}")
+    if cfg.SOLVER.SCHEDULER.lower() == "plateau":
+        _check_plateau(cfg)
     if cfg.TEST.EVAL_PERIOD < 0:
         raise ValueError(f"TEST.EVAL_PERIOD must be >= 0, got {cfg.TEST.EVAL_PERIOD}")
     if any(k < 1 for k in cfg.TEST.RECALL_KS):
         raise ValueError(f"TEST.RECALL_KS must hold positive integers, got {tuple(cfg.TEST.RECALL_KS)}")
+
+
+def _check_plateau(cfg: CfgNode) -> None:
+    """SOLVER.SCHEDULER plateau needs evaluations, and a validation split unless the test set is asked for."""
+    split = cfg.SOLVER.PLATEAU.SPLIT
+    if split not in ("val", "test"):
+        raise ValueError(f"SOLVER.PLATEAU.SPLIT must be val or test, got {split!r}")
+    if cfg.TEST.EVAL_PERIOD <= 0:
+        raise ValueError("SOLVER.SCHEDULER plateau is stepped at each evaluation: set TEST.EVAL_PERIOD > 0 "
+                         "(the official code evaluates every 1000 iterations)")
+    if split == "val" and cfg.DATA.VAL_FRACTION <= 0:
+        raise ValueError("SOLVER.PLATEAU.SPLIT val needs a validation split: set DATA.VAL_FRACTION > 0 "
+                         "(or SOLVER.PLATEAU.SPLIT test to follow the official code, whose test numbers are then optimistic)")

@@ -28,12 +28,19 @@ _C.MODEL.BACKBONE.POOLING = "avg"
 _C.MODEL.BACKBONE.LAST_STRIDE = 2
 # Freeze BatchNorm statistics and affine parameters of the backbone (eval mode during training)
 _C.MODEL.BACKBONE.FROZEN_BN = False
+# ResNets: the ReLU after the stem's conv1 + bn1. False reproduces the official XBM ResNet, whose forward
+# goes bn1 -> maxpool with no ReLU (research-xbm ret_benchmark/modeling/backbone/resnet.py:129-132@223ecdc)
+_C.MODEL.BACKBONE.STEM_RELU = True
 # Channel widths of the convnet's stages (two conv-BN-ReLU each, 2x downsampling between stages)
 _C.MODEL.BACKBONE.CONVNET_WIDTHS = (32, 64, 128, 256)
 
 _C.MODEL.HEAD = CN()
 # Embedding width: a linear layer on the pooled features, then L2 normalisation
 _C.MODEL.HEAD.DIM = 128
+# Initialisation of the head's linear layer: pytorch (nn.Linear's default) | kaiming_fan_out (the official
+# XBM head: kaiming_normal_ weights in fan_out mode, zero bias; research-xbm
+# ret_benchmark/utils/init_methods.py:7-9@223ecdc)
+_C.MODEL.HEAD.INIT = "pytorch"
 
 # ---------------------------------------------------------------------------
 _C.DATA = CN()
@@ -45,6 +52,10 @@ _C.DATA.ROOT = "datasets/glyphs"
 _C.DATA.BATCH_SIZE = 16
 # Images per class in a training batch (the m of the m-per-class sampler)
 _C.DATA.NUM_INSTANCES = 4
+# How a batch's classes are drawn: uniform (each epoch a random permutation of the classes: every class
+# equally often) | official (research-xbm's RandomIdentitySampler: classes drawn in proportion to their
+# remaining chunks of DATA.NUM_INSTANCES images, so large classes more often; random_identity_sampler.py:46-86@223ecdc)
+_C.DATA.SAMPLER = "uniform"
 # DataLoader worker processes (0 = load in the main process)
 _C.DATA.NUM_WORKERS = 0
 # Keep the workers of the evaluation loaders alive between evaluations (with NUM_WORKERS > 0):
@@ -94,6 +105,11 @@ _C.XBM.START_ITERATION = 100
 _C.XBM.WEIGHT = 1.0
 # Storage type of the memory: float32 | float16 | bfloat16 (half the bytes, slightly rounded)
 _C.XBM.DTYPE = "float32"
+# When batches start entering the memory: iteration_0 (every batch from the first step, so the
+# memory is full when its loss starts) | start_iteration (only from XBM.START_ITERATION on, so the
+# memory grows from empty, as the official trainer does: research-xbm
+# ret_benchmark/engine/trainer.py:105-106@223ecdc)
+_C.XBM.FILL_FROM = "iteration_0"
 
 _C.XBM.ADAPT = CN()
 # Memory adaptation before each step: none (XBM) | xbn (moment matching) | axbn (Kalman) | ema
@@ -174,12 +190,31 @@ _C.SOLVER.WEIGHT_DECAY = 0.0
 _C.SOLVER.MOMENTUM = 0.9
 # Number of training iterations
 _C.SOLVER.MAX_ITERS = 2000
-# none | step (x GAMMA at each of STEPS) | cosine (to 0 at MAX_ITERS)
+# none | step (x GAMMA at each of STEPS) | cosine (to 0 at MAX_ITERS) | plateau (x SOLVER.PLATEAU.FACTOR
+# when the evaluations stop improving, as the official XBM code does; see SOLVER.PLATEAU)
 _C.SOLVER.SCHEDULER = "none"
 # Iterations at which the step scheduler multiplies the learning rate by GAMMA
 _C.SOLVER.STEPS = ()
 # Factor of the step scheduler
 _C.SOLVER.GAMMA = 0.1
+_C.SOLVER.PLATEAU = CN()
+# The reduce-on-plateau schedule (SOLVER.SCHEDULER plateau), stepped at every evaluation (TEST.EVAL_PERIOD);
+# the defaults are the official code's (research-xbm ret_benchmark/solver/build.py:15-23@223ecdc).
+# Evaluation task whose score drives it: val (the validation split, DATA.VAL_FRACTION > 0) | test (what the
+# official code does: the learning rate then depends on the test set, so test numbers are optimistic)
+_C.SOLVER.PLATEAU.SPLIT = "val"
+# Metric of that task (higher is better); the official code steps on test R@1
+_C.SOLVER.PLATEAU.METRIC = "R@1"
+# Multiplier of the learning rate at each reduction
+_C.SOLVER.PLATEAU.FACTOR = 0.1
+# Evaluations without improvement tolerated before a reduction
+_C.SOLVER.PLATEAU.PATIENCE = 4
+# Relative improvement that counts: score > best x (1 + THRESHOLD)
+_C.SOLVER.PLATEAU.THRESHOLD = 0.001
+# Evaluations after a reduction during which no bad evaluation is counted
+_C.SOLVER.PLATEAU.COOLDOWN = 2
+# Lowest learning rate, as a fraction of SOLVER.BASE_LR (official: BASE_LR / (10 x 2) = 0.05)
+_C.SOLVER.PLATEAU.MIN_FACTOR = 0.05
 # Linear learning-rate warm-up from 0 over this many iterations
 _C.SOLVER.WARMUP_ITERS = 0
 # Iterations at the start that train only the embedding head (the XBN paper's warm-up epochs)
@@ -243,6 +278,12 @@ _C.TEST.SELECT_METRIC = "R@1"
 # k-NN search: auto (the fastest available on the run's device: faiss-gpu or torch on CUDA,
 # faiss on the CPU, torch when faiss is not installed) | faiss | torch
 _C.TEST.KNN_BACKEND = "auto"
+# Also report the evaluation with the best test TEST.SELECT_METRIC, as the official XBM code logs
+# ("Best iteration", research-xbm ret_benchmark/engine/trainer.py:87-90,164@223ecdc, chosen there by test
+# MAP@R). A number chosen on the test set is optimistic: it is written only to log.txt and to
+# best_on_test_OPTIMISTIC.json, each labelled so; the last iteration and the validation-chosen best.pth stay
+# the reported results.
+_C.TEST.REPORT_BEST_ON_TEST = False
 
 
 def get_cfg() -> CN:

@@ -80,3 +80,77 @@ class MPerClassBatchSampler:
 
     def __iter__(self) -> Iterator[list[int]]:
         return (batch for _, batch in self.numbered_batches())
+
+
+class ChunkedClassBatchSampler(MPerClassBatchSampler):
+    """The official XBM sampler: classes drawn in proportion to their remaining chunks of m images.
+
+    research-xbm ret_benchmark/data/samplers/random_identity_sampler.py:46-86@223ecdc: at the start of
+    an epoch each class's images are shuffled, padded to a multiple of m with images of the class drawn
+    with replacement, and cut into chunks of m. Each batch draws `batch_size // m` distinct classes
+    without replacement with probability proportional to the chunks each has left, and takes the next
+    chunk of each. A class with no chunk left drops out; the epoch ends when fewer classes than a batch
+    needs are left (their chunks are not used), and the next epoch starts afresh. Classes with many
+    images therefore appear in proportion to their size, where MPerClassBatchSampler draws every class
+    equally often.
+
+    Determinism: epoch e is drawn from numpy's Generator seeded with (seed, e, 0), so the stream is a
+    pure function of the seed, as in the parent class. Epochs have different numbers of batches, so
+    reaching batch i replays the epochs before it (their batches are computed, not loaded).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._epoch_starts = [0]  # global batch number at which epoch e starts
+        self._cached_epoch, self._cached_batches = -1, []
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """Every batch of epoch `epoch`, in order."""
+        if epoch == self._cached_epoch:
+            return self._cached_batches
+        rng = np.random.default_rng([self.seed, epoch, 0])
+        m = self.num_instances
+        chunks = []
+        for pool in self.indices_by_class:
+            images = pool.tolist()
+            if len(images) % m:
+                images += rng.choice(pool, m - len(images) % m, replace=True).tolist()
+            rng.shuffle(images)
+            chunks.append([images[i:i + m] for i in range(0, len(images), m)])
+        remaining = np.array([len(c) for c in chunks], dtype=np.int64)
+        taken = np.zeros(len(chunks), dtype=np.int64)
+        batches = []
+        while np.count_nonzero(remaining) >= self.classes_per_batch:
+            available = np.flatnonzero(remaining)
+            weights = remaining[available] / remaining[available].sum()
+            chosen = rng.choice(available, self.classes_per_batch, replace=False, p=weights)
+            batch = []
+            for c in chosen:
+                batch.extend(chunks[c][taken[c]])
+                taken[c] += 1
+                remaining[c] -= 1
+            batches.append(batch)
+        self._cached_epoch, self._cached_batches = epoch, batches
+        return batches
+
+    def batch(self, number: int) -> list[int]:
+        """Global batch `number` of the stream."""
+        epoch = self._epoch_of(number)
+        return self.epoch_batches(epoch)[number - self._epoch_starts[epoch]]
+
+    def _epoch_of(self, number: int) -> int:
+        while self._epoch_starts[-1] <= number:
+            epoch = len(self._epoch_starts) - 1
+            self._epoch_starts.append(self._epoch_starts[-1] + len(self.epoch_batches(epoch)))
+        # the last epoch whose start is <= number
+        return int(np.searchsorted(self._epoch_starts, number, side="right")) - 1
+
+
+# DATA.SAMPLER: how classes are drawn into batches.
+SAMPLERS = {"uniform": MPerClassBatchSampler, "official": ChunkedClassBatchSampler}
+
+
+def sampler_class(name: str) -> type[MPerClassBatchSampler]:
+    if name not in SAMPLERS:
+        raise ValueError(f"DATA.SAMPLER {name!r} is not one of {tuple(SAMPLERS)}")
+    return SAMPLERS[name]

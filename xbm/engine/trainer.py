@@ -27,7 +27,7 @@ from tqdm import tqdm
 from ..config import check_cfg
 from ..data.datasets import build_dataset, dataset_class
 from ..data.loader import build_train_loader
-from ..data.sampler import MPerClassBatchSampler
+from ..data.sampler import sampler_class
 from ..data.transforms import build_transforms
 from ..data.validation import split_validation
 from ..losses import build_loss
@@ -42,7 +42,7 @@ from .drift import DriftMonitor
 from .evaluator import Evaluator
 from .performance import check_runtime, compiled, configure_backends, evaluation_amp_dtype, memory_format
 from .run_guard import TrainingStopped, stop_agreed
-from .solver import build_optimizer, build_scheduler
+from .solver import build_optimizer, build_plateau, build_scheduler
 
 # Keys that may change between a checkpoint and the run that resumes it: they change how long or
 # where a run goes, not what it computes.
@@ -149,7 +149,8 @@ class Trainer:
         self.adapter = build_adapter(cfg) if self.memory is not None else None
         self.drift = self._drift_monitor() if cfg.XBM.DRIFT.ENABLE and self.is_main else None
         self.optimizer = build_optimizer(cfg, [p for p in self.model.parameters() if p.requires_grad])
-        self.scheduler = build_scheduler(cfg, self.optimizer)
+        self.plateau = build_plateau(cfg)  # SOLVER.SCHEDULER plateau: a factor stepped by evaluations
+        self.scheduler = build_scheduler(cfg, self.optimizer, self.plateau)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.iteration = 0
         self.best_metric = None  # best validation TEST.SELECT_METRIC so far
@@ -157,6 +158,7 @@ class Trainer:
         self.nonfinite_streak = 0  # ... and in a row, up to now
         self._buffer_backup = None  # the model's buffers before the step in progress
         self._tasks_without_positives_reported = set()
+        self.best_on_test = None  # TEST.REPORT_BEST_ON_TEST: the evaluation with the best test score (optimistic)
         if self.rank > 0:
             # Same weights everywhere (DDP copies rank 0's), but each rank its own augmentations.
             seed_everything(cfg.SOLVER.SEED + self.rank)
@@ -182,7 +184,11 @@ class Trainer:
         if self.memory is not None:
             log(f"cross-batch memory: {self.memory.size} x {self.cfg.MODEL.HEAD.DIM} {self.cfg.XBM.DTYPE}, "
                 f"{self.memory.nbytes / 2**20:.2f} MiB; adaptation {self.cfg.XBM.ADAPT.NAME}; "
-                f"memory loss from iteration {self.cfg.XBM.START_ITERATION} with weight {self.cfg.XBM.WEIGHT}")
+                f"memory loss from iteration {self.cfg.XBM.START_ITERATION} with weight {self.cfg.XBM.WEIGHT}; "
+                f"filled from {self.cfg.XBM.FILL_FROM}")
+        if self.plateau is not None and self.cfg.SOLVER.PLATEAU.SPLIT != "val":
+            self.logger.warning(f"SOLVER.PLATEAU.SPLIT {self.cfg.SOLVER.PLATEAU.SPLIT}: the learning rate is "
+                                "driven by the test set, so every test number of this run is OPTIMISTIC")
         else:
             log("cross-batch memory off (in-batch loss only)")
 
@@ -226,7 +232,7 @@ class Trainer:
 
     def _train_loader(self) -> DataLoader:
         cfg = self.cfg
-        sampler = MPerClassBatchSampler(
+        sampler = sampler_class(cfg.DATA.SAMPLER)(
             self.train_set.labels, cfg.DATA.BATCH_SIZE, cfg.DATA.NUM_INSTANCES,
             seed=cfg.SOLVER.SEED, start_batch=self.iteration, rank=self.rank, world_size=self.world_size,
         )
@@ -244,6 +250,8 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "best_metric": self.best_metric,
             "skipped_steps": self.skipped_steps,
+            "plateau": self.plateau.state_dict() if self.plateau is not None else None,
+            "best_on_test": self.best_on_test,
             "memory": self.memory.state_dict() if self.memory is not None else None,
             "adapter": self.adapter.state_dict() if self.adapter is not None else None,
             "drift": self.drift.state_dict() if self.drift is not None else None,
@@ -291,6 +299,9 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.best_metric = state["best_metric"]
         self.skipped_steps = state.get("skipped_steps", 0)  # absent from checkpoints of xbm 0.1
+        if self.plateau is not None and state.get("plateau") is not None:
+            self.plateau.load_state_dict(state["plateau"])
+        self.best_on_test = state.get("best_on_test")
         if self.memory is not None:
             self.memory.load_state_dict(state["memory"])
         if self.adapter is not None:
@@ -355,6 +366,8 @@ class Trainer:
             total = cfg.LOSS.INBATCH_WEIGHT * loss
         if self.memory is not None:
             batch = batch_embeddings.detach()
+            if not self._memory_fills():
+                return total, parts
             if self.adapter is not None and len(self.memory) > 0:
                 self.memory.adapt_(self.adapter, batch)  # global-batch moments: every rank adapts alike
             slots = self.memory.enqueue(batch, batch_labels)
@@ -366,6 +379,10 @@ class Trainer:
                 parts.update(_stats("memory", loss, self.criterion))
                 total = cfg.XBM.WEIGHT * loss if total is None else total + cfg.XBM.WEIGHT * loss
         return total, parts
+
+    def _memory_fills(self) -> bool:
+        """Whether this step's batch enters the memory (XBM.FILL_FROM)."""
+        return self.cfg.XBM.FILL_FROM == "iteration_0" or self.iteration >= self.cfg.XBM.START_ITERATION
 
     def train_step(self, images, labels) -> dict:
         images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
@@ -468,6 +485,8 @@ class Trainer:
             self._report_queries_without_positives(results)
         results = broadcast_object(results)  # the other ranks' barrier
         self._keep_best(results)
+        self._step_plateau(results)
+        self._report_best_on_test(results)
         return results
 
     def _report_queries_without_positives(self, results: dict) -> None:
@@ -479,6 +498,42 @@ class Trainer:
                 self.logger.warning(
                     f"evaluation task {task!r}: {count} of {metrics.get('num_queries')} queries have no image of "
                     "their class in the gallery; they count as misses in R@K and are left out of MAP@R and RP")
+    def _step_plateau(self, results: dict) -> None:
+        """SOLVER.SCHEDULER plateau: one step with this evaluation's score (every rank, same numbers)."""
+        if self.plateau is None:
+            return
+        split, metric = self.cfg.SOLVER.PLATEAU.SPLIT, self.cfg.SOLVER.PLATEAU.METRIC
+        if metric not in results.get(split, {}):
+            raise ValueError(f"SOLVER.PLATEAU.METRIC {metric!r} of task {split!r} is not among this "
+                             f"evaluation's results {sorted(results.get(split, {}))}")
+        if self.plateau.step(results[split][metric]):
+            # Apply now, not from the next scheduler step: the next iteration runs at the new rate.
+            factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+            for group, base_lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+                group["lr"] = base_lr * factor
+            self.logger.info(f"{split} {metric} has not improved for {self.cfg.SOLVER.PLATEAU.PATIENCE + 1} "
+                             f"evaluations: learning rate x {self.cfg.SOLVER.PLATEAU.FACTOR} "
+                             f"-> {self.optimizer.param_groups[0]['lr']:.3g}")
+
+    def _report_best_on_test(self, results: dict) -> None:
+        """TEST.REPORT_BEST_ON_TEST: the official code's best-on-test report, labelled optimistic."""
+        if not self.cfg.TEST.REPORT_BEST_ON_TEST:
+            return
+        task = next(t for t in results if t != "val")  # the dataset's first evaluation task
+        metric = self.cfg.TEST.SELECT_METRIC
+        score = results[task][metric]
+        if self.best_on_test is not None and score <= self.best_on_test["score"]:
+            return
+        self.best_on_test = {"optimistic": True, "chosen_on": f"{task} {metric}", "score": score,
+                             "iteration": self.iteration, "results": results}
+        if self.is_main:
+            path = os.path.join(self.output_dir, "best_on_test_OPTIMISTIC.json")
+            with open(path + ".tmp", "w") as f:
+                json.dump(self.best_on_test, f, indent=1)
+            os.replace(path + ".tmp", path)
+            self.logger.info(f"OPTIMISTIC (chosen on the test set, as the official code reports): best {task} "
+                             f"{metric} so far {100 * score:.2f} at iteration {self.iteration}; not a result to "
+                             "report as such (the last iteration and best.pth are)")
 
     def _keep_best(self, results: dict) -> None:
         """checkpoints/best.pth: the best validation score so far (never chosen on the test set)."""

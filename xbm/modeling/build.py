@@ -11,10 +11,11 @@ class EmbeddingModel(nn.Module):
     """Images -> unit embeddings. Images are float tensors in the backbone's input convention, or
     uint8 RGB pixels (DATA.UINT8_TRANSFER), which are converted to it here, on the model's device."""
 
-    def __init__(self, backbone: nn.Module, dim: int, convention: InputConvention | None = None):
+    def __init__(self, backbone: nn.Module, dim: int, convention: InputConvention | None = None,
+                 head_init: str = "pytorch"):
         super().__init__()
         self.backbone = backbone
-        self.head = EmbeddingHead(backbone.out_features, dim)
+        self.head = EmbeddingHead(backbone.out_features, dim, init=head_init)
         self.convention = convention
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -28,4 +29,5 @@ class EmbeddingModel(nn.Module):
 def build_model(cfg) -> EmbeddingModel:
     if cfg.MODEL.HEAD.DIM < 1:
         raise ValueError(f"MODEL.HEAD.DIM must be positive, got {cfg.MODEL.HEAD.DIM}")
-    return EmbeddingModel(build_backbone(cfg), cfg.MODEL.HEAD.DIM, model_input_convention(cfg))
+    return EmbeddingModel(build_backbone(cfg), cfg.MODEL.HEAD.DIM, model_input_convention(cfg),
+                          head_init=cfg.MODEL.HEAD.INIT)

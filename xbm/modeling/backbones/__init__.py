@@ -5,7 +5,7 @@
     resnet50     torchvision ResNet-50 (2048)
     bninception  BN-Inception (1024), loads the bn_inception-52deb4733.pth ImageNet port
 
-`build_backbone(cfg)` reads MODEL.BACKBONE.{NAME, PRETRAINED, POOLING, LAST_STRIDE,
+`build_backbone(cfg)` reads MODEL.BACKBONE.{NAME, PRETRAINED, POOLING, LAST_STRIDE, STEM_RELU,
 FROZEN_BN, CONVNET_WIDTHS}; weights are loaded before BatchNorm is frozen.
 """
 from __future__ import annotations
@@ -30,8 +30,10 @@ def build_backbone(cfg) -> Backbone:
     if name not in BACKBONES:
         raise ValueError(f"MODEL.BACKBONE.NAME {spec.NAME!r} is not one of {BACKBONES}")
     if name.startswith("resnet"):
-        model = ResNet(name, pooling=spec.POOLING, last_stride=int(spec.LAST_STRIDE))
+        model = ResNet(name, pooling=spec.POOLING, last_stride=int(spec.LAST_STRIDE), stem_relu=spec.STEM_RELU)
     else:
+        if not spec.STEM_RELU:
+            raise ValueError(f"MODEL.BACKBONE.STEM_RELU False applies to ResNets only; keep True for {name}")
         if int(spec.LAST_STRIDE) != 2:
             raise ValueError(
                 f"MODEL.BACKBONE.LAST_STRIDE {spec.LAST_STRIDE} applies to ResNets only; keep 2 for {name}"

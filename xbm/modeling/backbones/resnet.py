@@ -18,8 +18,10 @@ ARCHITECTURES = {"resnet18": models.resnet18, "resnet50": models.resnet50}
 class ResNet(Backbone):
     """A torchvision ResNet trunk + global pooling; `out_features` 512 (18) or 2048 (50)."""
 
-    def __init__(self, arch: str = "resnet50", pooling: str = "avg", last_stride: int = 2):
+    def __init__(self, arch: str = "resnet50", pooling: str = "avg", last_stride: int = 2, stem_relu: bool = True):
         super().__init__(pooling)
+        # False: bn1 -> maxpool without the ReLU, as the official XBM ResNet does (MODEL.BACKBONE.STEM_RELU).
+        self.stem_relu = bool(stem_relu)
         if arch not in ARCHITECTURES:
             raise ValueError(f"unknown ResNet {arch!r}; choose one of {sorted(ARCHITECTURES)}")
         if last_stride not in (1, 2):
@@ -34,5 +36,8 @@ class ResNet(Backbone):
                 conv.stride = (1, 1)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.bn1(self.conv1(x))
+        if self.stem_relu:
+            x = self.relu(x)
+        x = self.maxpool(x)
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
