@@ -1,5 +1,9 @@
 from setuptools import find_packages, setup
 
+# xbm-export --format onnx (onnx + onnxscript: torch's ONNX exporter) and ONNX models in
+# xbm-index/xbm-search (onnxruntime); the tests use them too
+SERVE = ["onnx>=1.16", "onnxruntime>=1.17", "onnxscript>=0.1"]
+
 setup(
     name="xbm",
     version="0.1.0",
@@ -13,14 +17,18 @@ setup(
     extras_require={
         # faiss with GPU indexes instead of faiss-cpu (install one of the two)
         "gpu": ["faiss-gpu>=1.7.4"],
-        "dev": ["pytest>=7"],
+        "dev": ["pytest>=7", *SERVE],
         # peers measured side by side in benchmarks/
         "bench": ["pytorch-metric-learning>=2.3"],
+        "serve": SERVE,
     },
     entry_points={
         "console_scripts": [
             "xbm-train=xbm.cli:train_main",
             "xbm-eval=xbm.cli:eval_main",
+            "xbm-index=xbm.serving.cli:index_main",
+            "xbm-search=xbm.serving.cli:search_main",
+            "xbm-export=xbm.serving.cli:export_main",
         ]
     },
 )
