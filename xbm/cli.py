@@ -67,7 +67,12 @@ def eval_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="folder for metrics.json/metrics.csv (default: beside the first checkpoint)")
     parser.add_argument("--export", nargs="*", metavar="SPLIT", default=None,
                         help="also save embeddings and labels (.npy) of these splits")
+    parser.add_argument("--projector", type=int, metavar="N",
+                        help="also write N test embeddings, labels and thumbnails for TensorBoard's projector "
+                        "(OUT/projector; open with tensorboard --logdir OUT/projector)")
     args = parser.parse_args(argv)
+    if args.projector is not None and args.projector < 1:
+        parser.exit(2, f"error: --projector needs a positive number of embeddings, got {args.projector}\n")
     paths = sorted(glob.glob(args.ckpt)) if any(c in args.ckpt for c in "*?[") else [args.ckpt]
     if not paths or not all(os.path.isfile(p) for p in paths):
         parser.exit(2, f"error: no checkpoint file matches {args.ckpt!r}\n")
@@ -81,6 +86,14 @@ def eval_main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"error: {err}\n")
     out = args.out or os.path.dirname(os.path.dirname(os.path.abspath(paths[0])))
     _write_rows(rows, out)
+    if args.projector is not None:
+        from .serving.projector import write_projector
+
+        try:
+            folder = write_projector(cfg, paths, args.projector, os.path.join(out, "projector"))
+        except (FileNotFoundError, ValueError, KeyError) as err:
+            parser.exit(2, f"error: {err}\n")
+        print(f"wrote the projector files to {folder} (tensorboard --logdir {folder})", file=sys.stderr)
     return 0
 
 

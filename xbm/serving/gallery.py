@@ -16,6 +16,7 @@ from .index import (
     default_search_params,
     factory_string,
     load_index,
+    new_faiss_index,
     save_index,
     set_search_params,
 )
@@ -94,6 +95,8 @@ def build_index(embedder, source: GallerySource, out: str, index_type: str = "fl
             todo.append(i)
     if not todo:
         return f"{out}: all {len(source)} images are already in the index; nothing written"
+    if existing is None:  # a string faiss cannot parse fails before the images are embedded
+        new_faiss_index(factory_string(index_type, len(todo), embedder.dim), embedder.dim)
     vectors, kept = embed_images_of(embedder, source, todo, batch_size, workers, skip_bad, progress)
     if vectors.shape[1] != (existing.dim if existing else embedder.dim):
         raise ModelInputError(f"the model returned {vectors.shape[1]}-d embeddings, not {embedder.dim}-d as it says")
