@@ -11,7 +11,7 @@ from .images import ImageInputError, image_paths
 from .index import INDEX_TYPES, IndexFolderError
 from .models import ModelInputError
 
-_EXPECTED = (ImageInputError, ModelInputError, IndexFolderError, ValueError, FileNotFoundError)
+_EXPECTED = (ImageInputError, ModelInputError, IndexFolderError, ValueError, OSError)
 
 
 def _model_options(parser: argparse.ArgumentParser, required: bool) -> None:
