@@ -289,6 +289,7 @@ _KILL_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop_at", [1, 2], ids=["after-the-faiss-file", "manifest-written-not-renamed"])
 def test_a_kill_while_writing_leaves_the_old_index_intact(tiny, tmp_path, capsys, stop_at):
     out, images = tmp_path / "idx", tmp_path / "new_images"
@@ -342,6 +343,8 @@ def test_a_failing_write_leaves_the_old_index_and_no_temporary_files(tiny, tmp_p
     assert len(load_index(str(out))) == len(tiny.files) and sorted(os.listdir(out)) >= files[:1]
 
 
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 @pytest.mark.parametrize("runtime,suffix", [("torchscript", ".pt"), ("onnx", ".onnx")])
 def test_exported_model_equals_pytorch_and_describes_its_input(tiny, tmp_path, capsys, runtime, suffix):
     out = tmp_path / f"model{suffix}"
@@ -393,6 +396,7 @@ _WITHOUT_TRAINING_CODE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_an_onnx_model_indexes_and_searches_without_torch_or_the_training_code(tiny, tmp_path, capsys):
     model = tmp_path / "model.onnx"
     assert _run(cli.export_main, ["--ckpt", tiny.ckpt["a"], "--format", "onnx", "--out", model], capsys)[0] == 0
@@ -455,3 +459,38 @@ def test_projector_files_read_back_through_tensorboards_projector_plugin(tiny, t
     assert side == [64, 64] and sprite.size == (4 * 64, 4 * 64)  # ceil(sqrt(12)) = 4 thumbnails a row
     status, _, err = _run(eval_main, ["--ckpt", tiny.ckpt["a"], "--out", tmp_path, "--projector", 0], capsys)
     assert status == 2 and "--projector needs a positive number" in err
+
+
+def test_a_list_file_gives_labels_and_the_plot_marks_hits_and_misses(tiny, tmp_path, capsys):
+    from xbm.utils.retrieval_grid import HIT_COLOR, MISS_COLOR, QUERY_COLOR
+
+    folder = tmp_path / "catalogue"
+    folder.mkdir()
+    lines = []
+    for i in range(24):
+        shutil.copy(tiny.files[i], folder / f"{i:02d}.png")
+        lines.append(f"catalogue/{i:02d}.png,{100 + int(tiny.labels[i])}")
+    (tmp_path / "gallery.txt").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "idx"
+    assert _run(cli.index_main, ["--ckpt", tiny.ckpt["a"], "--list", tmp_path / "gallery.txt", "--out", out,
+                                 "--no-progress"], capsys)[0] == 0
+    gallery = load_index(str(out))
+    assert gallery.labels == [100 + int(v) for v in tiny.labels[:24]]
+    assert gallery.paths == [str(folder / f"{i:02d}.png") for i in range(24)]
+    status, _, _ = _run(cli.search_main, ["--index", out, "--query", folder / "00.png", "--topk", 6,
+                                          "--json", tmp_path / "r.json", "--plot", tmp_path / "r.png"], capsys)
+    assert status == 0
+    matches = json.loads((tmp_path / "r.json").read_text())["results"][0]["matches"]
+    hits = [m["label"] == 100 + int(tiny.labels[0]) for m in matches]
+    with Image.open(tmp_path / "r.png") as picture:
+        colours = {tuple(p) for p in np.asarray(picture.convert("RGB")).reshape(-1, 3)}
+
+    def rgb(hex_color):
+        return tuple(int(hex_color[i:i + 2], 16) for i in (1, 3, 5))
+
+    assert rgb(QUERY_COLOR) in colours and hits[0]  # the query itself is its first match
+    assert (rgb(MISS_COLOR) in colours) == (not all(hits)) and rgb(HIT_COLOR) in colours
+    (tmp_path / "bad.txt").write_text("catalogue/00.png;3\n")
+    status, _, err = _run(cli.index_main, ["--ckpt", tiny.ckpt["a"], "--list", tmp_path / "bad.txt", "--out",
+                                           tmp_path / "idx2"], capsys)
+    assert status == 2 and "bad.txt, line 1" in _one_sentence(err)

@@ -56,22 +56,18 @@ def index_main(argv: list[str] | None = None) -> int:
     parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
                         help="config overrides of a --ckpt model, e.g. DATA.ROOT /data/sop")
     args = parser.parse_args(argv)
-    from .gallery import build_index, images_source, list_source, split_source
+    from .gallery import SPLIT_NEEDS_CHECKPOINT, build_index, images_source, list_source, split_source
     from .models import load_embedder
 
     try:
         if args.opts and args.model:
             raise ModelInputError("KEY VALUE overrides apply to --ckpt models only; an exported model has no config")
         if args.split and args.model:
-            raise ModelInputError("--split reads the checkpoint's dataset config, so it needs --ckpt (not --model)")
-        if args.images:  # look at the images before loading a model: an empty folder fails at once
-            image_paths(args.images)
+            raise ModelInputError(SPLIT_NEEDS_CHECKPOINT)
+        # List the images before loading a model: an empty folder or a bad list fails at once.
+        gallery = images_source(args.images) if args.images else list_source(args.list) if args.list else None
         embedder = load_embedder(args.ckpt, args.model, args.device, args.opts or None)
-        if args.images:
-            gallery = images_source(args.images)
-        elif args.list:
-            gallery = list_source(args.list)
-        else:
+        if gallery is None:
             gallery = split_source(embedder, args.split)
         summary = build_index(embedder, gallery, args.out, index_type=args.index_type, train_size=args.train_size,
                               search_params=args.search_params, add=args.add, overwrite=args.overwrite,

@@ -38,12 +38,11 @@ class GallerySource:
 
 
 def images_source(folder: str) -> GallerySource:
-    paths = image_paths(folder) if os.path.isdir(folder) else _missing_folder(folder)
+    """Every image under a folder, without labels."""
+    if not os.path.isdir(folder):
+        raise ImageInputError(f"image folder {folder} does not exist")
+    paths = image_paths(folder)
     return GallerySource(paths, [None] * len(paths), lambda i: load_image(paths[i]))
-
-
-def _missing_folder(folder: str):
-    raise ImageInputError(f"--images {folder} is not a folder")
 
 
 def list_source(list_file: str) -> GallerySource:
