@@ -37,7 +37,6 @@ from xbm.evaluation.search import knn  # noqa: E402
 from xbm.serving.index import (  # noqa: E402
     build_faiss_index,
     default_nlist,
-    default_pq_bytes,
     factory_string,
     set_search_params,
 )
@@ -96,7 +95,7 @@ def bench_gallery(num: int, dim: int, types: list[str], repeats: int, train_size
     knn_s = best_time(lambda: knn(queries, gallery, k=K, backend="faiss"), repeats)
     flat = build_faiss_index(gallery, "Flat")
     flat_s = best_time(lambda: flat.search(queries, K), repeats)
-    del flat
+    flat = None  # free the copy of the gallery before the next index is built
     # The baseline is the faster of the two exact searches, so that no speed-up is flattered.
     exact_s = min(knn_s, flat_s)
     rows = [{"gallery": f"{num:,} x {dim}", "type": "exact", "factory": "xbm knn (faiss.knn)", "params": "",
@@ -120,7 +119,7 @@ def bench_gallery(num: int, dim: int, types: list[str], repeats: int, train_size
             rows.append(row)
             print(f"  {factory} {params}: {row['qps']:,.0f} q/s ({row['speedup']:.1f}x), "
                   f"recall@10 {row['recall']:.3f}, build {build_s:.1f} s", file=sys.stderr, flush=True)
-        del index
+        index = None
     return rows
 
 

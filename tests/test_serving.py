@@ -187,6 +187,11 @@ def test_approximate_index_types_are_built_from_factory_strings(tiny, tmp_path, 
                                  "hnsw", "--no-progress"], capsys)[0] == 0
     gallery = load_index(str(out))
     assert gallery.factory == "HNSW32" and gallery.search_params == "efSearch=128"
+    assert _run(cli.index_main, ["--ckpt", tiny.ckpt["a"], "--split", "test", "--out", out, "--index-type",
+                                 "IVF2,Flat", "--overwrite", "--no-progress"], capsys)[0] == 0
+    replaced = load_index(str(out))
+    assert replaced.factory == "IVF2,Flat" and replaced.search_params == "nprobe=1" and len(os.listdir(out)) == 2
+    assert np.array_equal(replaced.search(tiny.reference[:5], 1)[1][:, 0], np.arange(5))
     scores, ids = gallery.search(tiny.reference[:5], 3)
     exact = _brute_force(tiny.reference, range(5), 3)
     assert [row[0] for row in ids.tolist()] == [e[0][1] for e in exact]  # the query itself comes first

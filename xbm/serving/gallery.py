@@ -86,7 +86,8 @@ def build_index(embedder, source: GallerySource, out: str, index_type: str = "fl
     else:
         check_writable(out)
         if os.path.isfile(os.path.join(out, "index.json")) and not overwrite:
-            raise IndexFolderError(f"{out} already holds an index: pass --add to append to it or --overwrite to replace it")
+            raise IndexFolderError(
+                f"{out} already holds an index: pass --add to append to it or --overwrite to replace it")
     seen, todo = set(existing.paths) if existing else set(), []
     for i, path in enumerate(source.paths):  # each file once; with --add, only files not yet indexed
         if path not in seen:
