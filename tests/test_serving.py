@@ -186,7 +186,7 @@ def test_approximate_index_types_are_built_from_factory_strings(tiny, tmp_path, 
     assert _run(cli.index_main, ["--ckpt", tiny.ckpt["a"], "--split", "test", "--out", out, "--index-type",
                                  "hnsw", "--no-progress"], capsys)[0] == 0
     gallery = load_index(str(out))
-    assert gallery.factory == "HNSW32" and gallery.search_params == "efSearch=128"
+    assert gallery.factory == "HNSW32" and gallery.search_params == "efSearch=256"
     assert _run(cli.index_main, ["--ckpt", tiny.ckpt["a"], "--split", "test", "--out", out, "--index-type",
                                  "IVF2,Flat", "--overwrite", "--no-progress"], capsys)[0] == 0
     replaced = load_index(str(out))

@@ -77,16 +77,17 @@ def factory_string(index_type: str, num_vectors: int, dim: int) -> str:
 def default_search_params(factory: str) -> str:
     """Search-time parameters for an index type (a faiss ParameterSpace string, '' for none).
 
-    nprobe = nlist / 64 and efSearch = 128: on the clustered galleries of
-    benchmarks/bench_index.py (1M x 128, 100k x 512) both kept >= 0.98 recall@10 of exact search
-    at >= 13x its speed on 2 cores (BENCHMARKS.md). Real embeddings are less neatly clustered:
+    nprobe = nlist / 64 and efSearch = 256: on the clustered galleries of
+    benchmarks/bench_index.py (1M x 128, 100k x 512) IVF-Flat kept recall@10 1.000 of exact search
+    at >= 13x its speed on 2 cores, HNSW32 >= 0.959 (efSearch 128 fell to 0.931 on 1M x 128; see
+    BENCHMARKS.md). Real embeddings are less neatly clustered:
     check recall on your own gallery and raise them with --search-params if it falls short.
     """
     match = re.search(r"IVF(\d+)", factory)
     if match:
         return f"nprobe={max(1, int(match.group(1)) // 64)}"
     if "HNSW" in factory:
-        return "efSearch=128"
+        return "efSearch=256"
     return ""
 
 
