@@ -1,5 +1,9 @@
 from setuptools import find_packages, setup
 
+# xbm-export --format onnx (onnx + onnxscript: torch's ONNX exporter) and ONNX models in
+# xbm-index/xbm-search (onnxruntime); the tests use them too
+SERVE = ["onnx>=1.16", "onnxruntime>=1.17", "onnxscript>=0.1"]
+
 setup(
     name="xbm",
     version="0.1.0",
@@ -16,16 +20,21 @@ setup(
         "cpu": ["faiss-cpu>=1.7.4"],
         # faiss with GPU indexes (CUDA 12 build with its own CUDA runtime wheels)
         "gpu": ["faiss-gpu>=1.15"],
-        "dev": ["pytest>=7", "submitit>=1.5"],  # submitit: the cluster launchers' tests
+        # submitit: the cluster launchers' tests; SERVE: the export tests
+        "dev": ["pytest>=7", "submitit>=1.5", *SERVE],
         # scripts/sweep.py --launcher slurm / submitit-local and scripts/submit.py
         "cluster": ["submitit>=1.5"],
         # peers measured side by side in benchmarks/
         "bench": ["pytorch-metric-learning>=2.3"],
+        "serve": SERVE,
     },
     entry_points={
         "console_scripts": [
             "xbm-train=xbm.cli:train_main",
             "xbm-eval=xbm.cli:eval_main",
+            "xbm-index=xbm.serving.cli:index_main",
+            "xbm-search=xbm.serving.cli:search_main",
+            "xbm-export=xbm.serving.cli:export_main",
         ]
     },
 )

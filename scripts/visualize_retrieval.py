@@ -24,17 +24,15 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from xbm.config import ConfigError  # noqa: E402
-from xbm.utils.plotting import new_figure, save_figure  # noqa: E402
-
-CELL_PIXELS = 160
-DPI = 100
-QUERY_COLOR, HIT_COLOR, MISS_COLOR = "#1f5fbf", "#1a9a1a", "#d62020"
-FRAME_WIDTH = 4
-
-
-def grid_pixel_size(num_queries: int, topk: int) -> tuple[int, int]:
-    """(width, height) of the PNG in pixels."""
-    return (1 + topk) * CELL_PIXELS, num_queries * CELL_PIXELS
+from xbm.utils.retrieval_grid import (  # noqa: E402,F401  (the colours and sizes are this script's API too)
+    CELL_PIXELS,
+    HIT_COLOR,
+    MISS_COLOR,
+    QUERY_COLOR,
+    draw_retrieval_grid,
+    grid_pixel_size,
+    result_color,
+)
 
 
 def retrieve(query, gallery, query_ids, k: int, leave_one_out: bool):
@@ -76,39 +74,20 @@ def class_name(dataset, label: int) -> str:
     return str(label)
 
 
-def _draw_cell(ax, image, color: str, title: str) -> None:
-    pixels = np.asarray(image)
-    if pixels.ndim == 2:  # grayscale (Glyphs: mode "L")
-        ax.imshow(pixels, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-    else:
-        ax.imshow(pixels, interpolation="antialiased")
-    ax.set_xticks([])
-    ax.set_yticks([])
-    for spine in ax.spines.values():
-        spine.set_edgecolor(color)
-        spine.set_linewidth(FRAME_WIDTH)
-    ax.set_title(title, fontsize=7, pad=2)
-
-
 def draw_grid(query_set, gallery_set, query_ids, sims, ids, path: str) -> list[bool]:
     """Write the PNG; return, per query, whether its first result is a hit."""
-    rows, k = len(query_ids), ids.shape[1]
-    width, height = grid_pixel_size(rows, k)
-    figure = new_figure(width / DPI, height / DPI, dpi=DPI)
-    axes = figure.subplots(rows, 1 + k, squeeze=False)
-    figure.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.16 / rows, wspace=0.1, hspace=0.25)
-    first_hits = []
+    rows, first_hits = [], []
     for r, qid in enumerate(query_ids):
         label = int(query_set.labels[qid])
-        _draw_cell(axes[r][0], query_set[qid][0], QUERY_COLOR, f"query {qid} ({class_name(query_set, label)})")
-        for c in range(k):
+        cells = [(query_set[qid][0], QUERY_COLOR, f"query {qid} ({class_name(query_set, label)})")]
+        for c in range(ids.shape[1]):
             gid = int(ids[r, c])
-            hit = int(gallery_set.labels[gid]) == label
+            color = result_color(label, int(gallery_set.labels[gid]))
             if c == 0:
-                first_hits.append(hit)
-            _draw_cell(axes[r][c + 1], gallery_set[gid][0], HIT_COLOR if hit else MISS_COLOR,
-                       f"#{c + 1}  {float(sims[r, c]):.3f}")
-    save_figure(figure, path)
+                first_hits.append(color == HIT_COLOR)
+            cells.append((gallery_set[gid][0], color, f"#{c + 1}  {float(sims[r, c]):.3f}"))
+        rows.append(cells)
+    draw_retrieval_grid(rows, path)
     return first_hits
 
 

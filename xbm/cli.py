@@ -214,9 +214,14 @@ def eval_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--export", nargs="*", metavar="SPLIT", default=None,
                         help="also save embeddings and labels of these splits as "
                         "<checkpoint>_<split>_{embeddings,labels}.npy")
+    parser.add_argument("--projector", type=int, metavar="N",
+                        help="also write N test embeddings, labels and thumbnails for TensorBoard's projector "
+                        "(OUT/projector; open with tensorboard --logdir OUT/projector)")
     args = _parse(parser, argv)
     if not args.ckpt:
         parser.error("the following arguments are required: --ckpt")
+    if args.projector is not None and args.projector < 1:
+        parser.exit(2, f"error: --projector needs a positive number of embeddings, got {args.projector}\n")
     paths = sorted(glob.glob(args.ckpt)) if any(c in args.ckpt for c in "*?[") else [args.ckpt]
     if not paths or not all(os.path.isfile(p) for p in paths):
         parser.exit(2, f"error: no checkpoint file matches {args.ckpt!r}\n")
@@ -229,6 +234,11 @@ def eval_main(argv: list[str] | None = None) -> int:
         rows = evaluate_checkpoints(cfg, paths, export_splits=args.export, export_dir=args.out)
         out = args.out or os.path.dirname(os.path.dirname(os.path.abspath(paths[0])))
         _write_rows(rows, out)
+        if args.projector is not None:
+            from .serving.projector import write_projector
+
+            folder = write_projector(cfg, paths, args.projector, os.path.join(out, "projector"))
+            print(f"wrote the projector files to {folder} (tensorboard --logdir {folder})", file=sys.stderr)
     except _expected_errors() as err:
         _fail(err, 2, args.debug)
     except KeyboardInterrupt:  # evaluation keeps no state worth saving: stop quietly
