@@ -256,7 +256,8 @@ def test_bad_input_ends_in_one_sentence_and_writes_nothing(tiny, tmp_path, capsy
                           "--no-progress"],
          "cannot decode image"),
         (cli.index_main, ["--ckpt", tiny.ckpt["a"], "--split", "test", "--out", out], "already holds an index"),
-        (cli.index_main, ["--ckpt", broken, "--split", "test", "--out", tmp_path / "new"], "cannot read checkpoint"),
+        (cli.index_main, ["--ckpt", broken, "--split", "test", "--out", tmp_path / "new"],
+         f"{broken} is not a readable checkpoint: it is not a file written by torch.save"),
         (cli.search_main, ["--index", out, "--query", tiny.files[0], "--topk", "0"], "--topk must be at least 1"),
     ]
     for main, argv, message in cases:

@@ -84,13 +84,23 @@ def _unreadable_because(path: str, err: Exception) -> str:
         head = f.read(64)
     if not head:
         return "the file is empty"
-    if head.startswith(b"PK"):  # torch.save writes a zip archive
+    refused = _refused_global(err)
+    # torch.save writes a zip archive (b"PK"); PyTorch before 1.6 wrote a bare pickle (b"\x80")
+    if refused and head.startswith((b"PK", b"\x80")):
+        return f"it holds objects that weights_only loading refuses ({refused})"
+    if head.startswith(b"PK"):
         return (f"the file is truncated or corrupted ({os.path.getsize(path)} bytes; "
                 f"{str(err).splitlines()[0].split('. ')[0]})")
-    if isinstance(err, pickle.UnpicklingError):
-        return f"it holds objects that weights_only loading refuses ({str(err).splitlines()[0]})"
     text = head.decode("utf-8", errors="replace").splitlines()[0][:40]
     return f"it is not a file written by torch.save (it starts with {text!r})"
+
+
+def _refused_global(err: Exception) -> str | None:
+    """The "Unsupported global: ..." line of torch's weights_only refusal, if that is what `err` is."""
+    if not isinstance(err, pickle.UnpicklingError):
+        return None
+    lines = [line.strip() for line in str(err).splitlines() if "Unsupported global" in line]
+    return lines[0] if lines else None
 
 
 def rng_states() -> dict:

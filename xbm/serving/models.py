@@ -55,7 +55,7 @@ class CheckpointEmbedder:
 
         from ..config import ConfigError
         from ..data.transforms import build_transforms
-        from ..engine.checkpoint import load_checkpoint
+        from ..engine.checkpoint import CheckpointError, load_checkpoint
         from ..engine.evaluation_tool import config_of_checkpoint
         from ..modeling import build_model
         from .images import describe_transform
@@ -67,6 +67,8 @@ class CheckpointEmbedder:
             state = load_checkpoint(path)["model"]
         except ConfigError as err:
             raise ModelInputError(f"checkpoint {path}: {err}") from None
+        except CheckpointError as err:  # names the file and what is wrong with it
+            raise ModelInputError(str(err)) from None
         except KeyError as err:
             raise ModelInputError(f"checkpoint {path} has no {err} entry: is it a file written by xbm-train?") from None
         except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
