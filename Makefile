@@ -5,7 +5,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-fast gpu-check clean
+.PHONY: install demo test test-all test-fast gpu-check clean
 
 # Which faiss to install: cpu (default) or gpu (`make gpu-check FAISS=gpu`). Never both: the two
 # packages install the same module, so switching uninstalls the other first.
@@ -26,7 +26,12 @@ install: $(STAMP)
 demo: install
 	$(BIN)/python scripts/demo.py
 
+# Everything but the few heavy end-to-end tests (pytest.ini: heavy), within 5 minutes on 2 cores.
 test: install
+	$(BIN)/python -m pytest tests -m "not heavy"
+
+# Everything, the heavy tests included (the submitit cluster launcher, the evaluation benchmark).
+test-all: install
 	$(BIN)/python -m pytest tests
 
 # Everything but the tests marked slow.

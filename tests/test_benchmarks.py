@@ -35,6 +35,7 @@ def test_bench_memory_loss_quick_checks_gradients_and_prints_both_losses():
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_bench_eval_quick_every_method_gets_the_same_metrics():
     out = run_benchmark("bench_eval.py", "--quick", "--repeats", "1", "--threads", "1")
     r1 = dict(re.findall(r"^\| (\w+) \| [0-9.]+ \| [0-9.]+x \| \d+ \| .*?R@1 ([0-9.]+)", out, re.M))

@@ -193,6 +193,7 @@ def _preempt(folder):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_submitit_local_sweep_preempted_and_requeued_equals_the_local_launcher(tmp_path, glyph_root, monkeypatch,
                                                                                capsys):
     # The same thread count in both sweeps, so the sums (and metrics) are the same bit for bit.
@@ -240,6 +241,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_two_processes_per_run_are_torchruns_ddp_and_resume_after_preemption(tmp_path, glyph_root):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     opts = _tiny(glyph_root, "XBM.SIZE", "40", "SOLVER.MAX_ITERS", "20", "SOLVER.CHECKPOINT_PERIOD", "5",
