@@ -26,17 +26,18 @@ install: $(STAMP)
 demo: install
 	$(BIN)/python scripts/demo.py
 
-# Everything but the few heavy end-to-end tests (pytest.ini: heavy), within 5 minutes on 2 cores.
+# Everything but the few heavy end-to-end tests (pytest.ini: heavy), within 5 minutes on 2 cores:
+# two pytest workers (pytest-xdist), since many tests wait on subprocesses and imports.
 test: install
-	$(BIN)/python -m pytest tests -m "not heavy"
+	$(BIN)/python -m pytest tests -m "not heavy" -n 2
 
 # Everything, the heavy tests included (the submitit cluster launcher, the evaluation benchmark).
 test-all: install
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests -n 2
 
 # Everything but the tests marked slow.
 test-fast: install
-	$(BIN)/python -m pytest tests -m "not slow"
+	$(BIN)/python -m pytest tests -m "not slow" -n 2
 
 # On a machine with an NVIDIA GPU: the CUDA tests, AMP runs killed and resumed, GPU search, the memory
 # step and training throughput; summary in output/gpu_check/summary.json (exit 2 without CUDA).

@@ -20,8 +20,9 @@ setup(
         "cpu": ["faiss-cpu>=1.7.4"],
         # faiss with GPU indexes (CUDA 12 build with its own CUDA runtime wheels)
         "gpu": ["faiss-gpu>=1.15"],
-        # submitit: the cluster launchers' tests; SERVE: the export tests
-        "dev": ["pytest>=7", "submitit>=1.5", *SERVE],
+        # pytest-xdist: make test runs on both cores; submitit: the cluster launchers' tests;
+        # SERVE: the export tests
+        "dev": ["pytest>=7", "pytest-xdist>=3", "submitit>=1.5", *SERVE],
         # scripts/sweep.py --launcher slurm / submitit-local and scripts/submit.py
         "cluster": ["submitit>=1.5"],
         # peers measured side by side in benchmarks/
