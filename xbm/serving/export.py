@@ -13,8 +13,8 @@ import warnings
 
 import torch
 
+from ..utils.files import readable_mode, write_atomically
 from .images import input_summary
-from .index import readable_mode
 from .models import RUNTIMES, SIDECAR_FORMAT, SIDECAR_VERSION, CheckpointEmbedder, sha256_file, sidecar_path
 
 ONNX_OPSET = 18
@@ -59,7 +59,7 @@ def export_model(ckpt: str, runtime: str, out: str, opts: list[str] | None = Non
     }
     if runtime == "onnx":
         meta["opset"] = ONNX_OPSET
-    _write_text_atomically(sidecar_path(out), json.dumps(meta, indent=1))
+    write_atomically(sidecar_path(out), json.dumps(meta, indent=1).encode("utf-8"))
     return meta
 
 
@@ -93,17 +93,3 @@ def _fsync(path: str) -> None:
         os.fsync(handle.fileno())
 
 
-def _write_text_atomically(path: str, text: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, readable_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

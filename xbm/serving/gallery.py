@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Callable
 
+from ..utils.files import write_atomically
 from .images import ImageInputError, image_paths, load_image
 from .index import (
     GalleryIndex,
@@ -210,17 +210,7 @@ def write_json(path: str, index_dir: str, gallery: GalleryIndex, embedder, queri
     }
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(document, handle, indent=1)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_atomically(path, json.dumps(document, indent=1).encode("utf-8"))
 
 
 MAX_PLOT_ROWS = 20

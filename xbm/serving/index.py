@@ -21,7 +21,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -29,11 +28,12 @@ from dataclasses import dataclass, field
 import faiss
 import numpy as np
 
+from ..utils.files import TEMP_PREFIX, write_atomically
+
 FORMAT_NAME = "xbm-index"
 FORMAT_VERSION = 1
 MANIFEST = "index.json"
 _VECTOR_FILE = re.compile(r"^vectors-[0-9a-f]{16}\.faiss$")
-_TEMP_PREFIX = ".tmp-"
 
 # Index types by name; {nlist} and {pq} are filled in from the gallery's size and dimension.
 # Any other value of --index-type is taken as a faiss index-factory string.
@@ -216,34 +216,11 @@ def save_index(gallery: GalleryIndex, folder: str) -> None:
     check_writable(folder)
     os.makedirs(folder, exist_ok=True)
     vector_file = f"vectors-{uuid.uuid4().hex[:16]}.faiss"
-    _write_atomically(os.path.join(folder, vector_file), faiss.serialize_index(gallery.index).tobytes())
+    write_atomically(os.path.join(folder, vector_file), faiss.serialize_index(gallery.index).tobytes())
     manifest = json.dumps(gallery.manifest(vector_file), indent=1).encode("utf-8")
-    _write_atomically(os.path.join(folder, MANIFEST), manifest)
+    write_atomically(os.path.join(folder, MANIFEST), manifest)
     _fsync_folder(folder)
     _remove_stale_files(folder, keep=vector_file)
-
-
-def _write_atomically(path: str, data: bytes) -> None:
-    folder = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=_TEMP_PREFIX, dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, readable_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def readable_mode() -> int:
-    """The mode a plain open() would give a new file (mkstemp's files are private, 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 def _fsync_folder(folder: str) -> None:
@@ -262,7 +239,7 @@ def _fsync_folder(folder: str) -> None:
 
 def _remove_stale_files(folder: str, keep: str) -> None:
     for name in os.listdir(folder):
-        if name != keep and (_VECTOR_FILE.match(name) or name.startswith(_TEMP_PREFIX)):
+        if name != keep and (_VECTOR_FILE.match(name) or name.startswith(TEMP_PREFIX)):
             os.remove(os.path.join(folder, name))
 
 
