@@ -342,8 +342,12 @@ def test_official_sop_config_is_the_official_behaviour():
     cfg = load_cfg("configs/sop_xbm_official.yaml", [])
     assert (cfg.DATA.SAMPLER, cfg.MODEL.BACKBONE.STEM_RELU, cfg.SOLVER.PLATEAU.SPLIT) == ("official", False, "test")
     assert cfg.TEST.REPORT_BEST_ON_TEST and cfg.TEST.SELECT_METRIC == "MAP@R" and cfg.DATA.VAL_FRACTION == 0
+    assert cfg.SOLVER.SCHEDULER == "plateau" and cfg.XBM.SIZE == 55000 and cfg.SOLVER.BASE_LR == 1e-4
     paper = load_cfg("configs/sop_xbm.yaml", [])
-    assert (paper.DATA.SAMPLER, paper.MODEL.BACKBONE.STEM_RELU, paper.SOLVER.PLATEAU.SPLIT) == ("uniform", True, "val")
+    assert (paper.DATA.SAMPLER, paper.MODEL.BACKBONE.STEM_RELU) == ("uniform", True)
+    # the paper's SOP solver as research-xbm issue #12 quotes it: memory ratio 1, 3e-4, x0.1 at 24k of 34k
+    assert (paper.XBM.SIZE, paper.SOLVER.BASE_LR, paper.SOLVER.SCHEDULER, tuple(paper.SOLVER.STEPS),
+            paper.SOLVER.MAX_ITERS) == (-1, 3e-4, "step", (24000,), 34000)
     for c in (cfg, paper):
         assert tuple(c.INPUT.CROP_SCALE) == (0.2, 1.0) and c.MODEL.HEAD.INIT == "kaiming_fan_out"
-        assert c.XBM.FILL_FROM == "start_iteration" and c.SOLVER.SCHEDULER == "plateau"
+        assert c.XBM.FILL_FROM == "start_iteration"
