@@ -102,6 +102,7 @@ def test_backend_flags_follow_the_config(torch_flags):
     # determinism wins over autotuning (cuDNN's benchmark picks algorithms by timing)
     performance.configure_backends(load_cfg(opts=["PERF.DETERMINISTIC", "True", "PERF.TF32", "True"]))
     assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+    assert torch.is_deterministic_algorithms_warn_only_enabled()
     assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.allow_tf32
 
 

@@ -261,8 +261,9 @@ _C.PERF.CHANNELS_LAST = False
 # torch._dynamo.list_backends(). Off by default: compiling costs one to several minutes at the
 # start of every run (and again after a resume)
 _C.PERF.COMPILE = ""
-# torch.use_deterministic_algorithms(True), cudnn.benchmark off and a fixed cuBLAS workspace: a
-# CUDA run and its resume give the same bits (slower). Off: results then vary in the last bits
+# torch.use_deterministic_algorithms(True, warn_only=True), cudnn.benchmark off and a fixed cuBLAS
+# workspace: a CUDA run and its resume give the same bits (slower; an op with no deterministic CUDA
+# kernel warns, naming itself). Off: results then vary in the last bits
 _C.PERF.DETERMINISTIC = False
 
 # ---------------------------------------------------------------------------
