@@ -400,8 +400,10 @@ class Trainer:
         # The step's one host synchronisation (an all-reduce under DDP: every rank skips alike).
         if not all_ranks_true(finite):
             self._skip_step(undo)
-        elif total is not None:
-            self.nonfinite_streak = 0
+            self._advance_schedule()
+            return parts
+        self.nonfinite_streak = 0
+        if total is not None:
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(total).backward()
             if self.iteration < self.cfg.SOLVER.HEAD_WARMUP_ITERS:
@@ -413,8 +415,6 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             parts["loss/total"] = total.detach()
-        else:
-            self.nonfinite_streak = 0
         self._advance_schedule()
         return parts
 
