@@ -17,7 +17,7 @@ def _opts(root, out, *extra):
 
 
 def _batches(trainer, count):
-    batches = iter(trainer._train_loader())
+    batches = iter(trainer.train_loader())
     return [next(batches) for _ in range(count)]
 
 
@@ -25,7 +25,7 @@ def _state(trainer):
     """Everything a step may change, copied."""
     return copy.deepcopy({
         "model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
-        "memory": trainer.memory.state_dict(), "adapter": trainer.adapter.state_dict(),
+        "memory": trainer.objective.memory.state_dict(), "adapter": trainer.objective.adapter.state_dict(),
     })
 
 
@@ -54,37 +54,37 @@ def test_a_non_finite_step_is_skipped_and_changes_nothing(glyph_root, tmp_path, 
         trainer.train_step(images, labels)
         trainer.iteration += 1
     before = _state(trainer)
-    assert trainer.memory.pointer == 24 and len(trainer.memory) == 24
+    assert trainer.objective.memory.pointer == 24 and len(trainer.objective.memory) == 24
 
     if poison == "loss":
-        real = trainer.criterion.forward
-        trainer.criterion.forward = lambda *a, **k: real(*a, **k) * float("inf")
+        real = trainer.objective.loss.forward
+        trainer.objective.loss.forward = lambda *a, **k: real(*a, **k) * float("inf")
     else:
         real = trainer.model.head.forward
         trainer.model.head.forward = lambda x: real(x) * float("nan")
     parts = trainer.train_step(*batches[3])
     assert "loss/total" not in parts
-    assert (trainer.skipped_steps, trainer.nonfinite_streak) == (1, 1)
+    assert (trainer.guard.skipped_steps, trainer.guard.streak) == (1, 1)
     _assert_same(_state(trainer), before)  # weights, BatchNorm statistics, Adam moments, memory, filter
-    assert trainer.memory.pointer == 24
+    assert trainer.objective.memory.pointer == 24
 
     # Once the values are finite again, training goes on from exactly there.
     if poison == "loss":
-        trainer.criterion.forward = real
+        trainer.objective.loss.forward = real
     else:
         trainer.model.head.forward = real
     trainer.iteration += 1
     parts = trainer.train_step(*batches[4])
-    assert torch.isfinite(parts["loss/total"]) and trainer.nonfinite_streak == 0 and trainer.skipped_steps == 1
-    assert trainer.memory.pointer == 32
+    assert torch.isfinite(parts["loss/total"]) and trainer.guard.streak == 0 and trainer.guard.skipped_steps == 1
+    assert trainer.objective.memory.pointer == 32
 
 
 def test_skipped_steps_are_counted_in_the_log_and_the_checkpoint(glyph_root, tmp_path):
     out = tmp_path / "run"
     cfg = load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, out, "SOLVER.MAX_ITERS", "6"))
     trainer = Trainer(cfg)
-    real = trainer.criterion.forward
-    trainer.criterion.forward = lambda *a, **k: real(*a, **k) * (float("nan") if trainer.iteration in (1, 3) else 1)
+    real = trainer.objective.loss.forward
+    trainer.objective.loss.forward = lambda *a, **k: real(*a, **k) * (float("nan") if trainer.iteration in (1, 3) else 1)
     trainer.train()
     log = (out / "log.txt").read_text()
     assert "iteration 1: non-finite loss or embeddings; step skipped (1 in a row, 1 in all" in log
@@ -105,7 +105,7 @@ def test_bf16_autocast_trains_on_the_cpu(glyph_root, tmp_path):
     trainer.model.backbone.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
     results = trainer.train()
     assert seen and set(seen) == {torch.bfloat16}  # the network really ran in bf16 ...
-    assert trainer.memory.dtype == torch.float32 and trainer.skipped_steps == 0  # ... the memory did not
+    assert trainer.objective.memory.dtype == torch.float32 and trainer.guard.skipped_steps == 0  # ... the memory did not
     assert 0 < results["test"]["R@1"] <= 1
     # evaluation runs under the same autocast
     assert trainer.evaluator.amp_dtype == torch.bfloat16

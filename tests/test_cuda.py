@@ -36,7 +36,7 @@ def test_mixed_precision_training_and_resume_on_the_gpu(glyph_root, tmp_path, am
     out = tmp_path / "run"
     first = Trainer(load_cfg("configs/glyphs_xbn.yaml", _opts(glyph_root, out, "SOLVER.AMP", amp,
                                                                "SOLVER.MAX_ITERS", "6")))
-    assert first.memory.feats.is_cuda
+    assert first.objective.memory.feats.is_cuda
     first.train()
     state = load_checkpoint(str(out / "checkpoints" / "last.pth"))
     assert len(state["rng"]["cuda"]) == torch.cuda.device_count()
@@ -46,7 +46,7 @@ def test_mixed_precision_training_and_resume_on_the_gpu(glyph_root, tmp_path, am
     assert resumed.iteration == 6
     results = resumed.train()
     assert resumed.iteration == 8 and 0 < results["test"]["R@1"] <= 1
-    assert resumed.nonfinite_streak == 0
+    assert resumed.guard.streak == 0
 
 
 def test_evaluation_stays_on_the_gpu_and_matches_the_cpu(glyph_root, tmp_path):
@@ -106,8 +106,8 @@ def test_uint8_transfer_and_channels_last_on_the_gpu(glyph_root, tmp_path):
     plain = Trainer(load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, tmp_path / "a")))
     fast = Trainer(load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, tmp_path / "b", "DATA.UINT8_TRANSFER", "True",
                                                               "PERF.CHANNELS_LAST", "True")))
-    images, _ = next(iter(plain._train_loader()))
-    pixels, _ = next(iter(fast._train_loader()))
+    images, _ = next(iter(plain.train_loader()))
+    pixels, _ = next(iter(fast.train_loader()))
     assert pixels.dtype == torch.uint8
     with torch.no_grad():
         expected = plain.model(images.cuda())
@@ -119,4 +119,4 @@ def test_compile_with_inductor_trains_on_the_gpu(glyph_root, tmp_path):
     trainer = Trainer(load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, tmp_path / "run", "PERF.COMPILE", "inductor",
                                                                  "SOLVER.MAX_ITERS", "3")))
     results = trainer.train()
-    assert trainer.iteration == 3 and trainer.skipped_steps == 0 and 0 < results["test"]["R@1"] <= 1
+    assert trainer.iteration == 3 and trainer.guard.skipped_steps == 0 and 0 < results["test"]["R@1"] <= 1

@@ -110,7 +110,7 @@ def _train_opts(root, out, max_iters: int) -> list[str]:
 
 def _record_steps(trainer: Trainer) -> dict:
     record = {"initial": {k: v.clone() for k, v in trainer.model.state_dict().items()}, "steps": []}
-    batches = iter(trainer._train_loader())
+    batches = iter(trainer.train_loader())
     for _ in range(STEPS):
         images, labels = next(batches)
         parts = trainer.train_step(images, labels)
@@ -118,7 +118,7 @@ def _record_steps(trainer: Trainer) -> dict:
         record["steps"].append({
             "images": images, "labels": labels, "losses": sorted(k for k in parts if k.startswith("loss/")),
             "grads": {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None},
-            "memory": {k: v.clone() for k, v in trainer.memory.state_dict().items()},
+            "memory": {k: v.clone() for k, v in trainer.objective.memory.state_dict().items()},
         })
     return record
 
@@ -169,7 +169,7 @@ def test_two_ranks_share_one_memory_and_the_gradients_of_one_process(glyph_root,
             first, second = by_rank
             for key, value in first["memory"].items():  # every rank holds the same memory, bit for bit
                 assert torch.equal(value, second["memory"][key]), (name, step, key)
-            expected_memory = single.memory.state_dict()
+            expected_memory = single.objective.memory.state_dict()
             assert torch.equal(first["memory"]["labels"], expected_memory["labels"])
             assert int(first["memory"]["pointer"]) == int(expected_memory["pointer"]) == (16 * (step + 1)) % 40
             torch.testing.assert_close(first["memory"]["feats"], expected_memory["feats"], rtol=1e-5, atol=1e-6)

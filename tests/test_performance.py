@@ -147,13 +147,13 @@ def test_channels_last_and_compile_train_on_the_cpu(glyph_root, tmp_path, torch_
     assert fast.network is not fast.model  # the compiled module, sharing the model's parameters
     # Same initial weights (same seed): the compiled channels_last network computes the same
     # embeddings up to rounding (after a step, Adam's sign-like first update can amplify rounding).
-    images, _ = next(iter(plain._train_loader()))
+    images, _ = next(iter(plain.train_loader()))
     with torch.no_grad():
         expected = plain.network(images)
         got = fast.network(images.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     results = fast.train()
-    assert fast.iteration == 3 and fast.skipped_steps == 0 and 0 < results["test"]["R@1"] <= 1
+    assert fast.iteration == 3 and fast.guard.skipped_steps == 0 and 0 < results["test"]["R@1"] <= 1
 
 
 # ------------------------------------------------------------------ resume: random states stay on the CPU

@@ -261,7 +261,7 @@ def test_report_best_on_test_is_labelled_optimistic_and_leaves_best_pth_to_valid
     report = json.loads((tmp_path / "run" / "best_on_test_OPTIMISTIC.json").read_text())
     assert report["optimistic"] is True and report["iteration"] == 2 and report["score"] == pytest.approx(0.4)
     assert report["chosen_on"] == "test MAP@R"
-    assert trainer.best_metric == pytest.approx(0.45)  # best.pth: validation MAP@R of evaluation 1
+    assert trainer.state_dict()["best_metric"] == pytest.approx(0.45)  # best.pth: validation MAP@R of evaluation 1
     best = torch.load(tmp_path / "run" / "checkpoints" / "best.pth", weights_only=True)
     assert best["iteration"] == 1
     log = (tmp_path / "run" / "log.txt").read_text()
@@ -287,13 +287,13 @@ def test_memory_fill_from(glyph_root, tmp_path, fill_from, expected):
         "XBM.START_ITERATION", "3", "XBM.FILL_FROM", fill_from, "SOLVER.MAX_ITERS", "5",
         "TEST.EVAL_PERIOD", "0", "SOLVER.CHECKPOINT_PERIOD", "0"])
     trainer = Trainer(cfg)
-    batches = iter(trainer._train_loader())
+    batches = iter(trainer.train_loader())
     sizes, memory_losses = [], []
     for _ in range(5):
         images, labels = next(batches)
         parts = trainer.train_step(images, labels)
         trainer.iteration += 1
-        sizes.append(len(trainer.memory))
+        sizes.append(len(trainer.objective.memory))
         memory_losses.append("loss/memory" in parts)
     assert sizes == expected
     assert memory_losses == [False, False, False, True, True]  # the loss starts at 3 either way

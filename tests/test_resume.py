@@ -83,16 +83,16 @@ def test_a_non_finite_loss_that_persists_stops_and_keeps_the_last_good_checkpoin
     cfg = load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, out, "SOLVER.MAX_ITERS", "10",
                                                      "SOLVER.CHECKPOINT_PERIOD", "1", "SOLVER.MAX_NONFINITE_STEPS", "3"))
     trainer = Trainer(cfg)
-    real_loss = trainer.criterion.forward
+    real_loss = trainer.objective.loss.forward
 
     def loss_that_explodes(*args, **kwargs):
         value = real_loss(*args, **kwargs)
         return value * float("nan") if trainer.iteration >= 4 else value
 
-    trainer.criterion.forward = loss_that_explodes
+    trainer.objective.loss.forward = loss_that_explodes
     with pytest.raises(NonFiniteLossError, match="3 steps in a row .iterations 4 to 6.*last good checkpoint"):
         trainer.train()
-    assert trainer.iteration == 6 and trainer.skipped_steps == 3
+    assert trainer.iteration == 6 and trainer.guard.skipped_steps == 3
     state = load_checkpoint(str(out / "checkpoints" / "last.pth"))
     assert state["iteration"] == 6 and state["skipped_steps"] == 2  # saved after the second skipped step
     for name, param in trainer.model.named_parameters():
@@ -123,5 +123,5 @@ def test_validation_split_selects_best_checkpoint(glyph_root, tmp_path):
 def test_memory_sized_to_the_training_set(glyph_root, tmp_path):
     cfg = load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, tmp_path / "run", "XBM.SIZE", "-1"))
     trainer = Trainer(cfg)
-    assert trainer.memory.size == len(trainer.train_set) == 198
+    assert trainer.objective.memory.size == len(trainer.train_set) == 198
     assert "SIZE: 198" in (tmp_path / "run" / "config.yaml").read_text()

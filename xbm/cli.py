@@ -152,7 +152,8 @@ def train_main(argv: list[str] | None = None) -> int:
         return _usage_without_config(parser)
     cfg = _load(parser, args)
     from .engine.run_guard import EXIT_STOPPED, StopSignals, TrainingStopped, claim_for_all_ranks, resume_command
-    from .engine.trainer import Trainer, format_results
+    from .engine.setup import format_results
+    from .engine.trainer import Trainer
     from .utils.distributed import shutdown_distributed
 
     from .utils.logger import setup_logger
@@ -189,7 +190,7 @@ def train_main(argv: list[str] | None = None) -> int:
 def _training_failure(err: BaseException, trainer) -> str:
     """One sentence for an error during training: what, when, and the checkpoint to resume from."""
     from .engine.checkpoint import CheckpointWriteError, read_checkpoint
-    from .engine.trainer import NonFiniteLossError
+    from .engine.nonfinite import NonFiniteLossError
 
     text = one_sentence(err)
     if isinstance(err, (CheckpointWriteError, NonFiniteLossError)):

@@ -15,7 +15,7 @@ from ..utils.env import resolve_device
 from .checkpoint import CHECKPOINT_KEYS, load_checkpoint
 from .evaluator import compute_embeddings
 from .performance import check_knn_backend
-from .trainer import build_evaluator
+from .setup import build_evaluator
 
 
 def config_of_checkpoint(path: str, opts: list[str] | None = None, cfg_file: str | None = None) -> CfgNode:
