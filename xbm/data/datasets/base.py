@@ -46,6 +46,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from ..transforms import InputConvention, natural_image_steps
+
 logger = logging.getLogger(__name__)
 
 BAD_IMAGE_POLICIES = ("error", "skip")
@@ -166,6 +168,32 @@ class ImageListDataset(Dataset, ABC):
     EVAL_TASKS: dict[str, tuple[str, str | None]] = {"test": ("test", None)}
     RECALL_KS: tuple[int, ...] = (1, 2, 4, 8)
     DOWNLOAD_URL = ""
+    # How pixels are normalised for the network: None = as the backbone's weights expect
+    # (xbm.data.transforms.input_convention); a dataset whose images need their own convention sets it.
+    INPUT_CONVENTION: InputConvention | None = None
+
+    # -- how the config builds it (build_dataset calls these; a subclass overrides what differs) --
+    @classmethod
+    def from_config(cls, cfg, split: str, transform: Callable | None = None) -> "ImageListDataset":
+        """Split `split` of the dataset in DATA.ROOT (checked first), with DATA.BAD_IMAGES."""
+        cls.check_root(cfg.DATA.ROOT)
+        return cls(cfg.DATA.ROOT, split, transform=transform, bad_images=cfg.DATA.BAD_IMAGES)
+
+    @classmethod
+    def check_root(cls, root: str | os.PathLike) -> None:
+        """A downloaded dataset's root must exist and hold something, before any file is parsed."""
+        if not os.path.isdir(root) or not os.listdir(root):
+            where = f" (download it from {cls.DOWNLOAD_URL})" if cls.DOWNLOAD_URL else ""
+            state = "does not exist" if not os.path.isdir(root) else "is empty"
+            raise FileNotFoundError(
+                f"DATA.ROOT {str(root)!r} {state}: point DATA.ROOT at the unpacked {cls.__name__} folder{where}; "
+                "see the dataset table in README.md"
+            )
+
+    @classmethod
+    def transform_steps(cls, cfg, train: bool) -> list:
+        """The image steps before the input convention (xbm.data.transforms): natural-image augmentation."""
+        return natural_image_steps(cfg, train)
 
     def __init__(
         self,
