@@ -350,6 +350,10 @@ class ImageListDataset(Dataset, ABC):
             self._class_members = {int(self.labels[g[0]]): g for g in groups}
         return self._class_members[label]
 
+    def class_name(self, label: int) -> str:
+        """How a label is shown to people (retrieval grids, the embedding projector): the label itself."""
+        return str(label)
+
     @property
     def num_classes(self) -> int:
         return int(self.labels.max()) + 1 if len(self.labels) else 0

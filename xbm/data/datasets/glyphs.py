@@ -93,6 +93,10 @@ class Glyphs(ImageListDataset):
         self.class_ids = sorted({codepoint for _, codepoint in entries})
         return [Record(path, codepoint) for path, codepoint in entries]
 
+    def class_name(self, label: int) -> str:
+        """The character's code point, e.g. U+0041."""
+        return f"U+{self.class_ids[label]:04X}"
+
     def _check_images_exist(self) -> None:
         """Nothing to do here: `_load_images` reads every file at construction and names a missing one."""
 
