@@ -53,17 +53,6 @@ class CountingShift(nn.Module):
         return memory_feats + 0.5
 
 
-@LOSS_REGISTRY.register("test_counting_cosine")
-def build_counting_cosine(cfg):
-    return CountingCosineLoss()
-
-
-@ADAPTER_REGISTRY.register("test_counting_shift")
-def build_counting_shift(cfg):
-    return CountingShift()
-
-
-@DATASET_REGISTRY.register("test_toy_list")
 class ToyList(ImageListDataset):
     """`<split>.txt` of `path label` lines; evaluated as the task `toys`, leave-one-out."""
 
@@ -73,6 +62,28 @@ class ToyList(ImageListDataset):
 
     def _read_records(self, split):
         return [Record(*line.split()) for _, line in read_lines(self.require_file(f"{split}.txt"))]
+
+
+@pytest.fixture
+def registered_here():
+    """The three parts above, registered for one test (registered at import, they would stay in the
+    registries of every other test that pytest's worker runs)."""
+
+    @LOSS_REGISTRY.register("test_counting_cosine")
+    def build_counting_cosine(cfg):
+        return CountingCosineLoss()
+
+    @ADAPTER_REGISTRY.register("test_counting_shift")
+    def build_counting_shift(cfg):
+        return CountingShift()
+
+    DATASET_REGISTRY.register("test_toy_list", ToyList)
+    try:
+        yield
+    finally:
+        LOSS_REGISTRY.unregister("test_counting_cosine")
+        ADAPTER_REGISTRY.unregister("test_counting_shift")
+        DATASET_REGISTRY.unregister("test_toy_list")
 
 
 def _write_images(root: Path, split: str, classes: int, per_class: int, seed: int) -> list[str]:
@@ -110,7 +121,7 @@ def _opts(root, out, *names):
 
 
 @pytest.mark.slow
-def test_parts_registered_in_this_file_train_by_name(image_root, tmp_path):
+def test_parts_registered_in_this_file_train_by_name(registered_here, image_root, tmp_path):
     names = ["LOSS.NAME", "test_counting_cosine", "XBM.ADAPT.NAME", "test_counting_shift", "DATA.NAME", "test_toy_list"]
     cfg = load_cfg(None, _opts(image_root, tmp_path / "run", *names))  # the config check accepts the new names
     CALLS.update(dict.fromkeys(CALLS, 0))
@@ -123,7 +134,7 @@ def test_parts_registered_in_this_file_train_by_name(image_root, tmp_path):
     assert set(results["toys"]) >= {"R@1", "R@2"} and 0.0 <= results["toys"]["R@1"] <= results["toys"]["R@2"] <= 1.0
 
 
-def test_an_unregistered_name_is_refused_by_the_config_check(image_root, tmp_path):
+def test_an_unregistered_name_is_refused_by_the_config_check(registered_here, image_root, tmp_path):
     with pytest.raises(ValueError, match=r"LOSS.NAME 'no_such_loss' is not a known loss; choose one of \[.*'test_counting_cosine'"):
         load_cfg(None, _opts(image_root, tmp_path, "LOSS.NAME", "no_such_loss"))
 

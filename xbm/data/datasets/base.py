@@ -1,7 +1,8 @@
 """The shared machinery of every image dataset read from disk as downloaded.
 
-A dataset class only says how to read its own list files into `Record`s; the base
-class `ImageListDataset` does the rest the same way for all of them:
+A dataset class only says how to read its own list files into `Record`s, and registers
+itself under its DATA.NAME (`@DATASET_REGISTRY.register(...)`, xbm/data/datasets/build.py);
+the base class `ImageListDataset` does the rest the same way for all of them:
 
 * checks that the root folder and each list file exist, with an error that names
   the missing file and the dataset's download page; when the file is instead found
