@@ -66,20 +66,12 @@ def choose_queries(num_items: int, count: int | None, ids: list[int] | None, see
     return sorted(int(i) for i in chosen)
 
 
-def class_name(dataset, label: int) -> str:
-    """Glyphs: the character's code point; other datasets: the label."""
-    class_ids = getattr(dataset, "class_ids", None)
-    if class_ids is not None and 0 <= label < len(class_ids) and isinstance(class_ids[label], int):
-        return f"U+{class_ids[label]:04X}"
-    return str(label)
-
-
 def draw_grid(query_set, gallery_set, query_ids, sims, ids, path: str) -> list[bool]:
     """Write the PNG; return, per query, whether its first result is a hit."""
     rows, first_hits = [], []
     for r, qid in enumerate(query_ids):
         label = int(query_set.labels[qid])
-        cells = [(query_set[qid][0], QUERY_COLOR, f"query {qid} ({class_name(query_set, label)})")]
+        cells = [(query_set[qid][0], QUERY_COLOR, f"query {qid} ({query_set.class_name(label)})")]
         for c in range(ids.shape[1]):
             gid = int(ids[r, c])
             color = result_color(label, int(gallery_set.labels[gid]))

@@ -171,7 +171,8 @@ def test_two_ranks_share_one_memory_and_the_gradients_of_one_process(glyph_root,
                 assert torch.equal(value, second["memory"][key]), (name, step, key)
             expected_memory = single.objective.memory.state_dict()
             assert torch.equal(first["memory"]["labels"], expected_memory["labels"])
-            assert int(first["memory"]["pointer"]) == int(expected_memory["pointer"]) == (16 * (step + 1)) % 40
+            pointer = int(first["memory"]["_extra_state"][0])  # the memory's extra state: [pointer, fill]
+            assert pointer == int(expected_memory["_extra_state"][0]) == (16 * (step + 1)) % 40
             torch.testing.assert_close(first["memory"]["feats"], expected_memory["feats"], rtol=1e-5, atol=1e-6)
 
             expected = {n: p.grad for n, p in single.model.named_parameters() if p.grad is not None}

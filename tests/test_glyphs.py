@@ -263,7 +263,7 @@ def test_dataset_items_match_the_files(small, split):
     for i, line in enumerate(lines):
         image, label = ds[i]
         assert isinstance(image, Image.Image) and image.mode == "L" and isinstance(label, int)
-        assert ds.class_ids[label] == codepoints[i]
+        assert ds.class_ids[label] == codepoints[i] and ds.class_name(label) == f"U+{codepoints[i]:04X}"
         assert ds.paths[i] == line.rsplit(",", 1)[0]
         assert np.array_equal(np.asarray(image), np.asarray(Image.open(root / ds.paths[i])))
 

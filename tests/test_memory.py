@@ -117,7 +117,7 @@ def test_state_dict_round_trip_mid_sequence():
     torch.save(original.state_dict(), buffer)
     buffer.seek(0)
     state = torch.load(buffer, weights_only=True)
-    assert int(state["pointer"]) == original.pointer and int(state["filled"]) == len(original)
+    assert state["_extra_state"].tolist() == [original.pointer, len(original)]
 
     resumed = CrossBatchMemory(23, 4)
     resumed.load_state_dict(state)
@@ -147,14 +147,14 @@ def test_load_state_dict_mismatch_errors():
         CrossBatchMemory(10, 8).load_state_dict(state)
     with pytest.raises(ValueError, match="dtype torch.float32 vs torch.float16"):
         CrossBatchMemory(10, 4, dtype=torch.float16).load_state_dict(state)
-    bad = dict(state, pointer=torch.tensor(3), filled=torch.tensor(5))
+    bad = dict(state, _extra_state=torch.tensor([3, 5]))
     with pytest.raises(ValueError, match="inconsistent"):
         CrossBatchMemory(10, 4).load_state_dict(bad)
-    bad = dict(state, pointer=torch.tensor(10), filled=torch.tensor(10))
+    bad = dict(state, _extra_state=torch.tensor([10, 10]))
     with pytest.raises(ValueError, match="outside"):
         CrossBatchMemory(10, 4).load_state_dict(bad)
-    missing = {k: v for k, v in state.items() if k != "pointer"}
-    with pytest.raises(RuntimeError, match="pointer"):
+    missing = {k: v for k, v in state.items() if k != "_extra_state"}
+    with pytest.raises(RuntimeError, match="_extra_state"):
         CrossBatchMemory(10, 4).load_state_dict(missing)
 
 
@@ -164,11 +164,67 @@ def test_state_dict_nested_in_a_module():
     holder.memory.enqueue(torch.randn(4, 2), torch.arange(4))
     holder.memory.enqueue(torch.randn(4, 2), torch.arange(4))
     state = holder.state_dict()
-    assert set(state) == {"memory.feats", "memory.labels", "memory.pointer", "memory.filled"}
+    assert set(state) == {"memory.feats", "memory.labels", "memory._extra_state"}
     fresh = torch.nn.Module()
     fresh.memory = CrossBatchMemory(6, 2)
     fresh.load_state_dict(state)
     assert fresh.memory.pointer == 2 and fresh.memory.is_full
+
+
+def _old_layout(prefix, feats, labels, pointer, filled):
+    """A state dict as the memory wrote it before its counters became extra state: the two buffers
+    and two 0-d int64 tensors, `pointer` and `filled`, beside them."""
+    return {prefix + "feats": feats, prefix + "labels": labels,
+            prefix + "pointer": torch.tensor(pointer, dtype=torch.int64),
+            prefix + "filled": torch.tensor(filled, dtype=torch.int64)}
+
+
+def test_old_layout_checkpoint_loads_and_continues_like_the_new_one():
+    feats = torch.randn(6, 2)
+    labels = torch.arange(10, 16)
+    buffer = io.BytesIO()
+    torch.save({"memory": _old_layout("memory.", feats, labels, 2, 6)}, buffer)  # full, oldest entry in slot 2
+    buffer.seek(0)
+    old = torch.load(buffer, weights_only=True)["memory"]
+    holder = torch.nn.Module()
+    holder.memory = CrossBatchMemory(6, 2)
+    assert not holder.load_state_dict(old).missing_keys  # strict, nothing unexpected either
+    assert holder.memory.pointer == 2 and len(holder.memory) == 6 and holder.memory.is_full
+    assert torch.equal(holder.memory.feats, feats) and torch.equal(holder.memory.labels, labels)
+    assert holder.state_dict()["memory._extra_state"].tolist() == [2, 6]
+    assert set(old) == {"memory.feats", "memory.labels", "memory.pointer", "memory.filled"}  # caller's dict untouched
+    slots = holder.memory.enqueue(torch.randn(3, 2), torch.arange(3))
+    assert slots.tolist() == [2, 3, 4] and holder.memory.pointer == 5
+
+
+def test_old_layout_before_full_and_its_errors():
+    mem = CrossBatchMemory(10, 4)
+    mem.load_state_dict(_old_layout("", torch.ones(10, 4), torch.zeros(10, dtype=torch.int64), 7, 7))
+    assert len(mem) == 7 and mem.pointer == 7 and not mem.is_full
+    with pytest.raises(ValueError, match="inconsistent"):
+        mem.load_state_dict(_old_layout("", torch.ones(10, 4), torch.zeros(10, dtype=torch.int64), 3, 5))
+    with pytest.raises(ValueError, match="size 10 vs 12"):
+        CrossBatchMemory(12, 4).load_state_dict(_old_layout("", torch.ones(10, 4), torch.zeros(10), 0, 0))
+    partial = _old_layout("", torch.ones(10, 4), torch.zeros(10, dtype=torch.int64), 7, 7)
+    del partial["filled"]
+    with pytest.raises(RuntimeError, match="filled"):
+        mem.load_state_dict(partial)
+
+
+def test_new_layout_round_trips_through_a_file(tmp_path):
+    holder = torch.nn.Module()
+    holder.memory = CrossBatchMemory(5, 3, dtype=torch.float16)
+    for step in range(3):
+        holder.memory.enqueue(torch.randn(2, 3), torch.arange(2) + step)
+    torch.save(holder.state_dict(), tmp_path / "memory.pth")
+    state = torch.load(tmp_path / "memory.pth", weights_only=True)
+    fresh = torch.nn.Module()
+    fresh.memory = CrossBatchMemory(5, 3, dtype=torch.float16)
+    fresh.load_state_dict(state)
+    assert (fresh.memory.pointer, len(fresh.memory)) == (1, 5)
+    assert isinstance(fresh.memory.pointer, int) and isinstance(len(fresh.memory), int)
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value, holder.state_dict()[key]), key
 
 
 def test_reset():

@@ -43,6 +43,24 @@ def check_cfg(cfg: CfgNode) -> None:
         raise ValueError(f"TEST.EVAL_PERIOD must be >= 0, got {cfg.TEST.EVAL_PERIOD}")
     if any(k < 1 for k in cfg.TEST.RECALL_KS):
         raise ValueError(f"TEST.RECALL_KS must hold positive integers, got {tuple(cfg.TEST.RECALL_KS)}")
+    check_registered_names(cfg)
+
+
+def check_registered_names(cfg: CfgNode) -> None:
+    """DATA.NAME, MODEL.BACKBONE.NAME, LOSS.NAME and XBM.ADAPT.NAME must name registered entries.
+
+    The registries are read now, not listed earlier, so a dataset, backbone, loss or adapter that a
+    user's module registered before this check is as valid as a built-in one."""
+    # Imported here: the registries fill as xbm's modules import, and those import torch; the rest
+    # of xbm.config stays importable without it.
+    from ..data.datasets import DATASET_REGISTRY
+    from ..losses import LOSS_REGISTRY
+    from ..memory import ADAPTER_REGISTRY
+    from ..modeling.backbones import BACKBONE_REGISTRY
+
+    for registry, name in ((DATASET_REGISTRY, cfg.DATA.NAME), (BACKBONE_REGISTRY, cfg.MODEL.BACKBONE.NAME),
+                           (LOSS_REGISTRY, cfg.LOSS.NAME), (ADAPTER_REGISTRY, cfg.XBM.ADAPT.NAME)):
+        registry.get(name)  # a ValueError naming the key and the registered names
 
 
 def _check_plateau(cfg: CfgNode) -> None:

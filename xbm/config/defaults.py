@@ -17,7 +17,8 @@ _C.MODEL = CN()
 _C.MODEL.DEVICE = "auto"
 
 _C.MODEL.BACKBONE = CN()
-# convnet (small CPU net for 32 px Glyphs) | resnet18 | resnet50 | bninception
+# convnet (small CPU net for 32 px Glyphs) | resnet18 | resnet50 | bninception, or any name registered in
+# xbm.modeling.backbones.BACKBONE_REGISTRY (README, Extending xbm)
 _C.MODEL.BACKBONE.NAME = "convnet"
 # "" = random init; "imagenet" = the standard ImageNet weights (torch hub cache, downloaded only
 # when this is set); or a path to a .pth state dict
@@ -44,7 +45,8 @@ _C.MODEL.HEAD.INIT = "pytorch"
 
 # ---------------------------------------------------------------------------
 _C.DATA = CN()
-# glyphs | sop | inshop | deepfashion2 | cub200 | cars196 | vehicleid | list
+# glyphs | sop | inshop | deepfashion2 | cub200 | cars196 | vehicleid | list, or any name registered in
+# xbm.data.datasets.DATASET_REGISTRY (README, Extending xbm)
 _C.DATA.NAME = "glyphs"
 # Folder holding the dataset as downloaded (Glyphs: generated here on first use)
 _C.DATA.ROOT = "datasets/glyphs"
@@ -112,7 +114,8 @@ _C.XBM.DTYPE = "float32"
 _C.XBM.FILL_FROM = "iteration_0"
 
 _C.XBM.ADAPT = CN()
-# Memory adaptation before each step: none (XBM) | xbn (moment matching) | axbn (Kalman) | ema
+# Memory adaptation before each step: none (XBM) | xbn (moment matching) | axbn (Kalman) | ema, or any
+# name registered in xbm.memory.ADAPTER_REGISTRY (README, Extending xbm)
 _C.XBM.ADAPT.NAME = "none"
 # Added to the memory's std before dividing (moment matching)
 _C.XBM.ADAPT.EPS = 1e-5
@@ -139,7 +142,8 @@ _C.XBM.DRIFT.NUM_SAMPLES = 256
 
 # ---------------------------------------------------------------------------
 _C.LOSS = CN()
-# contrastive | multi_similarity | triplet | supcon
+# contrastive | multi_similarity | triplet | supcon, or any name registered in xbm.losses.LOSS_REGISTRY
+# (README, Extending xbm)
 _C.LOSS.NAME = "contrastive"
 # Weight of the in-batch loss (XBN's memory-only loss: 0)
 _C.LOSS.INBATCH_WEIGHT = 1.0

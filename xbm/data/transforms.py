@@ -1,6 +1,6 @@
 """Image transforms: augmentation, then the input convention of the backbone's weights.
 
-Natural images (every dataset except Glyphs):
+Natural images (the default of every dataset):
   train: Resize(INPUT.RESIZE) -> RandomResizedCrop(INPUT.IMAGE_SIZE, scale=INPUT.CROP_SCALE)
          -> RandomHorizontalFlip (if INPUT.HFLIP)
   test:  Resize(INPUT.RESIZE) -> CenterCrop(INPUT.IMAGE_SIZE)
@@ -9,9 +9,9 @@ Natural images (every dataset except Glyphs):
                      (the Caffe-era ImageNet port; feeding it RGB/ImageNet-normalised input
                      silently costs accuracy);
     resnet*, convnet RGB, 0-1 range, ImageNet mean/std (torchvision's weights).
-Glyphs (32x32 grayscale "L" images): no augmentation, RGB, a resize only when
-INPUT.IMAGE_SIZE differs from DATA.GLYPHS.IMAGE_SIZE, then 0-1 range and
-Normalize(0.5, 0.5).
+A dataset may declare its own steps and convention instead (`transform_steps`, `INPUT_CONVENTION`
+of its class): Glyphs (32x32 grayscale "L" images) has no augmentation, RGB, a resize only when
+INPUT.IMAGE_SIZE differs from DATA.GLYPHS.IMAGE_SIZE, then 0-1 range and Normalize(0.5, 0.5).
 With DATA.UINT8_TRANSFER the transform stops at uint8 RGB pixels, and the model applies the
 convention on its device (the same arithmetic, `to_backbone_input`).
 """
@@ -41,20 +41,15 @@ class InputConvention:
 
 BNINCEPTION_CONVENTION = InputConvention("BGR", 255.0, (104.0, 117.0, 128.0), (1.0, 1.0, 1.0))
 IMAGENET_CONVENTION = InputConvention("RGB", 1.0, IMAGENET_MEAN, IMAGENET_STD)
-GLYPHS_CONVENTION = InputConvention("RGB", 1.0, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
 def input_convention(backbone_name: str) -> InputConvention:
-    """The input convention of a backbone (MODEL.BACKBONE.NAME)."""
-    name = backbone_name.lower()
-    if name == "bninception":
-        return BNINCEPTION_CONVENTION
-    if name == "convnet" or name.startswith("resnet"):
-        return IMAGENET_CONVENTION
-    raise ValueError(
-        f"MODEL.BACKBONE.NAME {backbone_name!r} has no known input convention; "
-        "choose convnet, resnet18, resnet50 or bninception"
-    )
+    """The input convention of a backbone (MODEL.BACKBONE.NAME): its registered class's INPUT_CONVENTION."""
+    # Imported here: the backbones import this module's conventions, and a backbone registered at
+    # run time must be found, so the registry is read when asked.
+    from ..modeling.backbones import BACKBONE_REGISTRY
+
+    return BACKBONE_REGISTRY.get(backbone_name).INPUT_CONVENTION
 
 
 def to_backbone_input(pixels: torch.Tensor, convention: InputConvention) -> torch.Tensor:
@@ -106,13 +101,19 @@ class RGBPixels:
 
 
 def model_input_convention(cfg) -> InputConvention:
-    """The input convention of this config's images: Glyphs' own, else the backbone's."""
-    if cfg.DATA.NAME.lower() == "glyphs":
-        return GLYPHS_CONVENTION
-    return input_convention(cfg.MODEL.BACKBONE.NAME)
+    """The input convention of this config's images: the dataset's own if it has one, else the backbone's."""
+    own = _dataset_class(cfg).INPUT_CONVENTION
+    return own if own is not None else input_convention(cfg.MODEL.BACKBONE.NAME)
 
 
-def _check_sizes(cfg) -> tuple[int, int, tuple[float, float]]:
+def _dataset_class(cfg):
+    # Imported here: the datasets build their steps from this module's pieces.
+    from .datasets import dataset_class
+
+    return dataset_class(cfg)
+
+
+def check_sizes(cfg) -> tuple[int, int, tuple[float, float]]:
     size, resize = int(cfg.INPUT.IMAGE_SIZE), int(cfg.INPUT.RESIZE)
     scale = tuple(float(s) for s in cfg.INPUT.CROP_SCALE)
     if size < 1:
@@ -120,8 +121,9 @@ def _check_sizes(cfg) -> tuple[int, int, tuple[float, float]]:
     return size, resize, scale
 
 
-def _natural_image_steps(cfg, train: bool) -> list:
-    size, resize, scale = _check_sizes(cfg)
+def natural_image_steps(cfg, train: bool) -> list:
+    """Resize, then a random resized crop and flip (train) or a centre crop (test)."""
+    size, resize, scale = check_sizes(cfg)
     if resize < size:
         raise ValueError(
             f"INPUT.RESIZE ({resize}) is smaller than INPUT.IMAGE_SIZE ({size}): the centre crop would "
@@ -137,14 +139,6 @@ def _natural_image_steps(cfg, train: bool) -> list:
     return steps
 
 
-def _glyph_steps(cfg) -> list:
-    size, _, _ = _check_sizes(cfg)
-    steps = [ToRGB()]
-    if size != int(cfg.DATA.GLYPHS.IMAGE_SIZE):
-        steps.append(T.Resize((size, size)))
-    return steps
-
-
 class ToRGB:
     """image.convert("RGB") as a picklable transform (DataLoader workers pickle transforms)."""
 
@@ -157,9 +151,6 @@ class ToRGB:
 
 def build_transforms(cfg, train: bool) -> T.Compose:
     """The transform of training (`train=True`) or test images for this config."""
-    if cfg.DATA.NAME.lower() == "glyphs":
-        steps = _glyph_steps(cfg)
-    else:
-        steps = _natural_image_steps(cfg, train)
+    steps = _dataset_class(cfg).transform_steps(cfg, train)
     last = RGBPixels() if cfg.DATA.UINT8_TRANSFER else BackboneInput(model_input_convention(cfg))
     return T.Compose(steps + [last])

@@ -1,4 +1,9 @@
-"""build_loss(cfg): the loss named by LOSS.NAME, configured from its LOSS.* node."""
+"""build_loss(cfg): the loss named by LOSS.NAME, from LOSS_REGISTRY.
+
+Each loss module registers a builder `cfg -> nn.Module` that reads its own LOSS.* node
+(`@LOSS_REGISTRY.register("contrastive")` in contrastive.py); a loss defined outside xbm registers
+itself the same way and is then selected by its name in LOSS.NAME (README, Extending xbm).
+"""
 
 from __future__ import annotations
 
@@ -6,45 +11,11 @@ from typing import Callable
 
 from torch import nn
 
-from .contrastive import ContrastiveLoss
-from .multi_similarity import MultiSimilarityLoss
-from .supcon import SupConLoss
-from .triplet import TripletLoss
+from ..utils.registry import Registry
 
-
-def _contrastive(cfg) -> nn.Module:
-    node = cfg.LOSS.CONTRASTIVE
-    return ContrastiveLoss(margin=node.MARGIN, reduction=node.REDUCTION)
-
-
-def _multi_similarity(cfg) -> nn.Module:
-    node = cfg.LOSS.MS
-    return MultiSimilarityLoss(alpha=node.ALPHA, beta=node.BETA, base=node.BASE,
-                               margin=node.MARGIN, hard_mining=node.HARD_MINING)
-
-
-def _triplet(cfg) -> nn.Module:
-    node = cfg.LOSS.TRIPLET
-    return TripletLoss(margin=node.MARGIN, mining=node.MINING)
-
-
-def _supcon(cfg) -> nn.Module:
-    node = cfg.LOSS.SUPCON
-    return SupConLoss(temperature=node.TEMPERATURE, pos_margin=node.POS_MARGIN,
-                      neg_margin=node.NEG_MARGIN, mining=node.MINING)
-
-
-LOSS_BUILDERS: dict[str, Callable[..., nn.Module]] = {
-    "contrastive": _contrastive,
-    "multi_similarity": _multi_similarity,
-    "triplet": _triplet,
-    "supcon": _supcon,
-}
+LOSS_REGISTRY: Registry[Callable[..., nn.Module]] = Registry("loss", "LOSS.NAME")
 
 
 def build_loss(cfg) -> nn.Module:
-    """The pair loss selected by ``cfg.LOSS.NAME`` (one of LOSS_BUILDERS)."""
-    name = cfg.LOSS.NAME
-    if name not in LOSS_BUILDERS:
-        raise ValueError(f"LOSS.NAME must be one of {sorted(LOSS_BUILDERS)}, got {name!r}")
-    return LOSS_BUILDERS[name](cfg)
+    """The pair loss selected by ``cfg.LOSS.NAME``, built by its registered builder."""
+    return LOSS_REGISTRY.get(cfg.LOSS.NAME)(cfg)

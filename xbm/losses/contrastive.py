@@ -6,6 +6,7 @@ from torch import Tensor
 
 from .base import (PairLoss, SameLabelPairs, SimilarityLossOutput, check_finite_number,
                    count_true, sum_of_products, take_same_label)
+from .build import LOSS_REGISTRY
 
 # The official code drops positive pairs that are (numerically) identical.
 POSITIVE_SIMILARITY_CEILING = 1.0 - 1e-5
@@ -56,3 +57,10 @@ class ContrastiveLoss(PairLoss):
         else:
             scale = (pos_pairs + neg_pairs).clamp_min(1).to(sim.dtype).reciprocal()
         return SimilarityLossOutput(total * scale, grad_sim, scale, pos_pairs, neg_pairs)
+
+
+@LOSS_REGISTRY.register("contrastive")
+def build_contrastive_loss(cfg) -> ContrastiveLoss:
+    """LOSS.NAME contrastive: a ContrastiveLoss from the LOSS.CONTRASTIVE node."""
+    node = cfg.LOSS.CONTRASTIVE
+    return ContrastiveLoss(margin=node.MARGIN, reduction=node.REDUCTION)

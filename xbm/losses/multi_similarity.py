@@ -9,6 +9,7 @@ from torch import Tensor
 
 from .base import (PairLoss, SameLabelPairs, SimilarityLossOutput, check_finite_number,
                    count_true, exp_above_, rows_min, rows_sum, take_same_label)
+from .build import LOSS_REGISTRY
 from .contrastive import POSITIVE_SIMILARITY_CEILING
 
 # Below every cosine similarity: "select every negative" without an infinite floor.
@@ -98,3 +99,11 @@ class MultiSimilarityLoss(PairLoss):
         grad_sim = exp_neg.mul_(denom_neg.reciprocal()[:, None])
         grad_sim[rows, pairs.cols] = -exp_pos / denom_pos[rows]
         return SimilarityLossOutput(value, grad_sim, 1.0 / batch, count_true(mined_pos), neg_pairs)
+
+
+@LOSS_REGISTRY.register("multi_similarity")
+def build_multi_similarity_loss(cfg) -> MultiSimilarityLoss:
+    """LOSS.NAME multi_similarity: a MultiSimilarityLoss from the LOSS.MS node."""
+    node = cfg.LOSS.MS
+    return MultiSimilarityLoss(alpha=node.ALPHA, beta=node.BETA, base=node.BASE,
+                               margin=node.MARGIN, hard_mining=node.HARD_MINING)

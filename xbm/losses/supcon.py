@@ -10,6 +10,7 @@ from torch import Tensor
 
 from .base import (PairLoss, SameLabelPairs, SimilarityLossOutput, check_finite_number,
                    exp_above_, rows_max, rows_sum, take_same_label)
+from .build import LOSS_REGISTRY
 
 # Below every cosine similarity: "select every negative" without an infinite floor.
 _BELOW_ALL_SIMILARITIES = -2.0
@@ -96,3 +97,11 @@ class SupConLoss(PairLoss):
 
         pos_pairs = torch.where(contributes, n_pos, 0.0).sum().long()
         return SimilarityLossOutput(value, grad_sim, scale * inv_t, pos_pairs, neg_pairs)
+
+
+@LOSS_REGISTRY.register("supcon")
+def build_supcon_loss(cfg) -> SupConLoss:
+    """LOSS.NAME supcon: a SupConLoss from the LOSS.SUPCON node."""
+    node = cfg.LOSS.SUPCON
+    return SupConLoss(temperature=node.TEMPERATURE, pos_margin=node.POS_MARGIN,
+                      neg_margin=node.NEG_MARGIN, mining=node.MINING)

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from .base import (PairLoss, SameLabelPairs, SimilarityLossOutput, check_finite_number,
                    count_true, rows_min, sum_of_products, take_same_label)
+from .build import LOSS_REGISTRY
 
 MINING_MODES = ("semihard", "hard", "all")
 
@@ -131,3 +132,10 @@ def _padded_positives(same_sim: Tensor, pairs: SameLabelPairs, batch: int):
     padded = values.new_full((batch, width), math.inf)
     padded[rows, slot] = values
     return padded, rows, cols, slot
+
+
+@LOSS_REGISTRY.register("triplet")
+def build_triplet_loss(cfg) -> TripletLoss:
+    """LOSS.NAME triplet: a TripletLoss from the LOSS.TRIPLET node."""
+    node = cfg.LOSS.TRIPLET
+    return TripletLoss(margin=node.MARGIN, mining=node.MINING)

@@ -1,7 +1,7 @@
 """Cross-batch memory (XBM) and memory adaptation (XBN, AXBN, EMA)."""
 
 from .adaptation import EMAMomentMatching, KalmanMomentMatching, MomentMatching, moment_match
-from .build import build_adapter, build_memory
+from .build import ADAPTER_REGISTRY, build_adapter, build_memory
 from .cross_batch_memory import CrossBatchMemory
 
 __all__ = [
@@ -12,4 +12,5 @@ __all__ = [
     "EMAMomentMatching",
     "build_memory",
     "build_adapter",
+    "ADAPTER_REGISTRY",
 ]

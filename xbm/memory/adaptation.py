@@ -19,6 +19,9 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
+from yacs.config import CfgNode
+
+from .build import ADAPTER_REGISTRY
 
 # Elements per chunk of the squared-deviation pass: on CPU 8 MB of float32 stays in a
 # typical L3 cache and keeps the number of parallel regions small (each costs a
@@ -308,3 +311,28 @@ class EMAMomentMatching(_FilteredMomentAdapter):
 
     def extra_repr(self) -> str:
         return f"momentum={self.momentum}, " + super().extra_repr()
+
+
+def _common_options(cfg: CfgNode) -> dict[str, Any]:
+    """The XBM.ADAPT keys every moment adapter takes."""
+    return {"eps": float(cfg.XBM.ADAPT.EPS), "renormalize": bool(cfg.XBM.ADAPT.RENORMALIZE)}
+
+
+@ADAPTER_REGISTRY.register("xbn")
+def build_xbn(cfg: CfgNode) -> MomentMatching:
+    """XBM.ADAPT.NAME xbn: the memory takes the batch's moments (XBN)."""
+    return MomentMatching(**_common_options(cfg))
+
+
+@ADAPTER_REGISTRY.register("axbn")
+def build_axbn(cfg: CfgNode) -> KalmanMomentMatching:
+    """XBM.ADAPT.NAME axbn: Kalman-filtered moments (AXBN) from the XBM.ADAPT.KALMAN_* keys."""
+    adapt = cfg.XBM.ADAPT
+    return KalmanMomentMatching(q=float(adapt.KALMAN_Q), p0=float(adapt.KALMAN_P0), r=float(adapt.KALMAN_R),
+                                interval=int(adapt.KALMAN_INTERVAL), **_common_options(cfg))
+
+
+@ADAPTER_REGISTRY.register("ema")
+def build_ema(cfg: CfgNode) -> EMAMomentMatching:
+    """XBM.ADAPT.NAME ema: moments filtered with the constant gain 1 - XBM.ADAPT.EMA_MOMENTUM."""
+    return EMAMomentMatching(momentum=float(cfg.XBM.ADAPT.EMA_MOMENTUM), **_common_options(cfg))

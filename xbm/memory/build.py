@@ -1,15 +1,29 @@
-"""Factories that turn the XBM section of the config into a memory and an adapter."""
+"""Factories that turn the XBM section of the config into a memory and an adapter.
+
+Adapters come from ADAPTER_REGISTRY: a builder `cfg -> adapter or None` per XBM.ADAPT.NAME, registered
+where the adapter is defined (adaptation.py); an adapter defined outside xbm registers itself the same
+way (README, Extending xbm).
+"""
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from yacs.config import CfgNode
 
-from .adaptation import EMAMomentMatching, KalmanMomentMatching, MomentMatching
-from .cross_batch_memory import CrossBatchMemory
+from ..utils.registry import Registry
+from .cross_batch_memory import Adapter, CrossBatchMemory
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_ADAPTERS = ("none", "xbn", "axbn", "ema")
+
+ADAPTER_REGISTRY: Registry[Callable[[CfgNode], Adapter | None]] = Registry("memory adapter", "XBM.ADAPT.NAME")
+
+
+@ADAPTER_REGISTRY.register("none")
+def no_adaptation(cfg: CfgNode) -> None:
+    """XBM.ADAPT.NAME none: the memory keeps the embeddings as they were computed (plain XBM)."""
+    return None
 
 
 def build_memory(cfg: CfgNode, device: torch.device | str = "cpu", check_finite: bool = True) -> CrossBatchMemory | None:
@@ -28,23 +42,6 @@ def build_memory(cfg: CfgNode, device: torch.device | str = "cpu", check_finite:
     )
 
 
-def build_adapter(cfg: CfgNode) -> MomentMatching | KalmanMomentMatching | EMAMomentMatching | None:
-    """The memory adapter named by XBM.ADAPT.NAME (none | xbn | axbn | ema); None for none."""
-    adapt = cfg.XBM.ADAPT
-    name = str(adapt.NAME).lower()
-    if name not in _ADAPTERS:
-        raise ValueError(f"XBM.ADAPT.NAME must be one of {list(_ADAPTERS)}, got {adapt.NAME!r}")
-    common = {"eps": float(adapt.EPS), "renormalize": bool(adapt.RENORMALIZE)}
-    if name == "xbn":
-        return MomentMatching(**common)
-    if name == "axbn":
-        return KalmanMomentMatching(
-            q=float(adapt.KALMAN_Q),
-            p0=float(adapt.KALMAN_P0),
-            r=float(adapt.KALMAN_R),
-            interval=int(adapt.KALMAN_INTERVAL),
-            **common,
-        )
-    if name == "ema":
-        return EMAMomentMatching(momentum=float(adapt.EMA_MOMENTUM), **common)
-    return None
+def build_adapter(cfg: CfgNode) -> Adapter | None:
+    """The memory adapter named by XBM.ADAPT.NAME, built by its registered builder; None for none."""
+    return ADAPTER_REGISTRY.get(cfg.XBM.ADAPT.NAME)(cfg)

@@ -9,9 +9,9 @@ from torch import nn
 
 Adapter = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-# Keys added to the module's state_dict beside the two buffers.
-_POINTER_KEY = "pointer"
-_FILLED_KEY = "filled"
+# The state_dict keys of the ring counters in checkpoints written before they moved into the
+# module's extra state (each a 0-d int64 tensor); `_upgrade_old_layout` still reads them.
+_OLD_COUNTER_KEYS = ("pointer", "filled")
 
 
 class UndoPoint(NamedTuple):
@@ -31,8 +31,9 @@ class CrossBatchMemory(nn.Module):
     Both buffers are allocated once at construction, so memory use is fixed at
     ``size * dim * itemsize + size * 8`` bytes and enqueueing is two slice copies.
     The write pointer and fill count are plain Python ints (no host-device sync per
-    step) but they are saved in ``state_dict`` so that a resumed run continues with
-    exactly the same memory.
+    step) but they are saved in ``state_dict`` (as the module's extra state, one int64
+    tensor ``[pointer, fill]`` under ``_extra_state``) so that a resumed run continues
+    with exactly the same memory.
 
     Args:
         size: number of slots (XBM.SIZE); must be at least the batch size.
@@ -68,6 +69,8 @@ class CrossBatchMemory(nn.Module):
         self.register_buffer("labels", torch.zeros(size, dtype=torch.int64, device=device))
         self._pointer = 0  # next slot to write
         self._filled = 0  # number of valid slots
+        # Public since torch 2.5 (pytorch PR #131690); requirements ask for 2.6.
+        self.register_load_state_dict_pre_hook(_check_and_upgrade_state)
 
     # ------------------------------------------------------------------ queries
     def __len__(self) -> int:
@@ -205,52 +208,30 @@ class CrossBatchMemory(nn.Module):
             raise ValueError("embeddings contain NaN or Inf; refusing to store them in the memory")
 
     # ------------------------------------------------------------ persistence
-    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        # Tensors rather than Python ints, so checkpoints load with weights_only=True.
-        destination[prefix + _POINTER_KEY] = torch.tensor(self._pointer, dtype=torch.int64)
-        destination[prefix + _FILLED_KEY] = torch.tensor(self._filled, dtype=torch.int64)
+    def get_extra_state(self) -> torch.Tensor:
+        """The ring counters for ``state_dict``: a tensor, so checkpoints load with weights_only=True
+        and every value of the state dict is a tensor (clone, compare and move as the buffers)."""
+        return torch.tensor([self._pointer, self._filled], dtype=torch.int64)
 
-    def _load_from_state_dict(
-        self,
-        state_dict: dict,
-        prefix: str,
-        local_metadata: dict,
-        strict: bool,
-        missing_keys: list,
-        unexpected_keys: list,
-        error_msgs: list,
-    ) -> None:
-        self._check_compatible(state_dict, prefix)
-        counters = {}
-        for key in (_POINTER_KEY, _FILLED_KEY):
-            if prefix + key in state_dict:
-                counters[key] = int(state_dict[prefix + key])
-            else:
-                missing_keys.append(prefix + key)
-        # The parent class would report the two counters as unexpected keys.
-        own = {k: v for k, v in state_dict.items() if k not in (prefix + _POINTER_KEY, prefix + _FILLED_KEY)}
-        super()._load_from_state_dict(
-            own, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-        if len(counters) == 2:
-            pointer, filled = counters[_POINTER_KEY], counters[_FILLED_KEY]
-            if not 0 <= filled <= self.size or not 0 <= pointer < self.size:
-                raise ValueError(
-                    f"memory state has pointer {pointer} and fill {filled}, "
-                    f"outside a memory of {self.size} slots"
-                )
-            if filled < self.size and pointer != filled:
-                raise ValueError(
-                    f"memory state is inconsistent: pointer {pointer} != fill {filled} "
-                    "while the memory is not full"
-                )
-            self._pointer, self._filled = pointer, filled
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        """Restore the counters of ``get_extra_state`` (read once, at load, into Python ints)."""
+        pointer, filled = (int(v) for v in state.tolist())
+        if not 0 <= filled <= self.size or not 0 <= pointer < self.size:
+            raise ValueError(
+                f"memory state has pointer {pointer} and fill {filled}, outside a memory of {self.size} slots"
+            )
+        if filled < self.size and pointer != filled:
+            raise ValueError(
+                f"memory state is inconsistent: pointer {pointer} != fill {filled} while the memory is not full"
+            )
+        self._pointer, self._filled = pointer, filled
 
-    def _check_compatible(self, state_dict: dict, prefix: str) -> None:
+    def _check_compatible(self, state_dict: dict, prefix: str = "") -> None:
+        """A ValueError naming XBM.SIZE / MODEL.HEAD.DIM / XBM.DTYPE when a saved memory does not fit this one
+        (instead of torch's generic size-mismatch message, or a silent cast of the dtype)."""
         feats = state_dict.get(prefix + "feats")
         if feats is None:
-            return  # reported as a missing key by the parent class
+            return  # reported as a missing key by load_state_dict
         differences = []
         if feats.dim() != 2 or feats.shape[0] != self.size:
             differences.append(f"size {feats.shape[0] if feats.dim() else '?'} vs {self.size}")
@@ -268,3 +249,26 @@ class CrossBatchMemory(nn.Module):
     def extra_repr(self) -> str:
         return f"size={self.size}, dim={self.dim}, dtype={self.feats.dtype}, filled={self._filled}"
 
+
+def _check_and_upgrade_state(module: CrossBatchMemory, state_dict: dict, prefix: str, local_metadata: dict,
+                             strict: bool, missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+    """load_state_dict pre-hook: the friendly mismatch error, and the old layout read as the new one."""
+    module._check_compatible(state_dict, prefix)
+    _upgrade_old_layout(state_dict, prefix, missing_keys)
+
+
+def _upgrade_old_layout(state_dict: dict, prefix: str, missing_keys: list) -> None:
+    """Checkpoints written before the counters were extra state hold them as `{prefix}pointer` and
+    `{prefix}filled`: replace the two by the `{prefix}_extra_state` they mean (in load_state_dict's own
+    copy of the dict). With only one of them the other is reported missing."""
+    old = [prefix + key for key in _OLD_COUNTER_KEYS]
+    found = [key for key in old if key in state_dict]
+    if not found:
+        return
+    if len(found) == len(old):
+        counters = [int(state_dict[key]) for key in old]
+        state_dict[prefix + "_extra_state"] = torch.tensor(counters, dtype=torch.int64)
+    else:
+        missing_keys.extend(key for key in old if key not in state_dict)
+    for key in found:
+        del state_dict[key]

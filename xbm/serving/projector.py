@@ -60,7 +60,7 @@ def write_projector(cfg, ckpt_paths: list[str], count: int, out_dir: str, seed: 
     subset.labels = np.asarray(embedded.labels)[items]  # compute_embeddings reads dataset.labels
     size = thumbnail_size(len(items))
     thumbnails = torch.stack([_thumbnail(raw[i][0], size) for i in items])
-    metadata = [[int(raw.labels[i]), _class_name(raw, int(raw.labels[i])), str(raw.full_path(i))] for i in items]
+    metadata = [[int(raw.labels[i]), raw.class_name(int(raw.labels[i])), str(raw.full_path(i))] for i in items]
 
     device = resolve_device(cfg.MODEL.DEVICE)
     model = build_model(cfg).to(device)
@@ -89,13 +89,6 @@ def _thumbnail(image, size: int) -> torch.Tensor:
     """(3, size, size) float in [0, 1]: the raw image, squashed to a square."""
     rgb = image.convert("RGB").resize((size, size))
     return torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)
-
-
-def _class_name(dataset, label: int) -> str:
-    class_ids = getattr(dataset, "class_ids", None)
-    if class_ids is not None and 0 <= label < len(class_ids) and isinstance(class_ids[label], int):
-        return f"U+{class_ids[label]:04X}"  # Glyphs: the character's code point
-    return str(label)
 
 
 def _replace_folder(new: str, target: str) -> None:

@@ -1,7 +1,8 @@
 """The shared machinery of every image dataset read from disk as downloaded.
 
-A dataset class only says how to read its own list files into `Record`s; the base
-class `ImageListDataset` does the rest the same way for all of them:
+A dataset class only says how to read its own list files into `Record`s, and registers
+itself under its DATA.NAME (`@DATASET_REGISTRY.register(...)`, xbm/data/datasets/build.py);
+the base class `ImageListDataset` does the rest the same way for all of them:
 
 * checks that the root folder and each list file exist, with an error that names
   the missing file and the dataset's download page; when the file is instead found
@@ -45,6 +46,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
+
+from ..transforms import InputConvention, natural_image_steps
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +169,32 @@ class ImageListDataset(Dataset, ABC):
     EVAL_TASKS: dict[str, tuple[str, str | None]] = {"test": ("test", None)}
     RECALL_KS: tuple[int, ...] = (1, 2, 4, 8)
     DOWNLOAD_URL = ""
+    # How pixels are normalised for the network: None = as the backbone's weights expect
+    # (xbm.data.transforms.input_convention); a dataset whose images need their own convention sets it.
+    INPUT_CONVENTION: InputConvention | None = None
+
+    # -- how the config builds it (build_dataset calls these; a subclass overrides what differs) --
+    @classmethod
+    def from_config(cls, cfg, split: str, transform: Callable | None = None) -> "ImageListDataset":
+        """Split `split` of the dataset in DATA.ROOT (checked first), with DATA.BAD_IMAGES."""
+        cls.check_root(cfg.DATA.ROOT)
+        return cls(cfg.DATA.ROOT, split, transform=transform, bad_images=cfg.DATA.BAD_IMAGES)
+
+    @classmethod
+    def check_root(cls, root: str | os.PathLike) -> None:
+        """A downloaded dataset's root must exist and hold something, before any file is parsed."""
+        if not os.path.isdir(root) or not os.listdir(root):
+            where = f" (download it from {cls.DOWNLOAD_URL})" if cls.DOWNLOAD_URL else ""
+            state = "does not exist" if not os.path.isdir(root) else "is empty"
+            raise FileNotFoundError(
+                f"DATA.ROOT {str(root)!r} {state}: point DATA.ROOT at the unpacked {cls.__name__} folder{where}; "
+                "see the dataset table in README.md"
+            )
+
+    @classmethod
+    def transform_steps(cls, cfg, train: bool) -> list:
+        """The image steps before the input convention (xbm.data.transforms): natural-image augmentation."""
+        return natural_image_steps(cfg, train)
 
     def __init__(
         self,
@@ -321,6 +350,10 @@ class ImageListDataset(Dataset, ABC):
             groups = np.split(order, bounds)
             self._class_members = {int(self.labels[g[0]]): g for g in groups}
         return self._class_members[label]
+
+    def class_name(self, label: int) -> str:
+        """How a label is shown to people (retrieval grids, the embedding projector): the label itself."""
+        return str(label)
 
     @property
     def num_classes(self) -> int:

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from .base import DatasetFormatError, ImageListDataset, Record, check_relative_path
+from .build import DATASET_REGISTRY
 
 ALL_IN_ONE = "cars_annos.mat"
 DEVKIT_TRAIN = "devkit/cars_train_annos.mat"
@@ -91,6 +92,7 @@ def class_of(entry, where: str) -> int:
     return class_id
 
 
+@DATASET_REGISTRY.register("cars196")
 class Cars196(ImageListDataset):
     """Cars196: classes 1-98 train, 99-196 test, from cars_annos.mat or the devkit layout."""
 

@@ -13,8 +13,10 @@ for classification and is not used.
 from __future__ import annotations
 
 from .base import DatasetFormatError, ImageListDataset, Record, check_relative_path, parse_int, read_lines, split_fields
+from .build import DATASET_REGISTRY
 
 
+@DATASET_REGISTRY.register("cub200")
 class CUB200(ImageListDataset):
     """CUB-200-2011: classes 1-100 train, 101-200 test."""
 

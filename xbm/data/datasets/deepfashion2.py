@@ -60,6 +60,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .base import DatasetFormatError, ImageListDataset, Record, misplaced_root, open_text
+from .build import DATASET_REGISTRY
 
 logger = logging.getLogger(__name__)
 
@@ -212,6 +213,7 @@ def default_index_dirs(root: str | os.PathLike) -> list[Path]:
 
 
 # -- the dataset --------------------------------------------------------------------------------
+@DATASET_REGISTRY.register("deepfashion2")
 class DeepFashion2(ImageListDataset):
     """DeepFashion2 consumer-to-shop: items cropped by their box; splits train / query / gallery."""
 

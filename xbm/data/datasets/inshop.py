@@ -16,10 +16,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from .base import DatasetFormatError, ImageListDataset, Record, check_relative_path, parse_int, read_lines, split_fields
+from .build import DATASET_REGISTRY
 
 _HEADER = ["image_name", "item_id", "evaluation_status"]
 
 
+@DATASET_REGISTRY.register("inshop")
 class InShop(ImageListDataset):
     """In-Shop Clothes Retrieval: splits train / query / gallery; the label is the item id."""
 

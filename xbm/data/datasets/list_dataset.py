@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Callable
 
 from .base import DatasetFormatError, ImageListDataset, Record, check_relative_path, parse_int, read_lines
+from .build import DATASET_REGISTRY
 
 
+@DATASET_REGISTRY.register("list")
 class ListDataset(ImageListDataset):
     """Images listed as `relative/path,label` lines in `<root>/<split>.txt` or in one given list file."""
 

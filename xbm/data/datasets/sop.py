@@ -12,10 +12,12 @@ leave-one-out.
 from __future__ import annotations
 
 from .base import DatasetFormatError, ImageListDataset, Record, check_relative_path, parse_int, read_lines, split_fields
+from .build import DATASET_REGISTRY
 
 _HEADER = ["image_id", "class_id", "super_class_id", "path"]
 
 
+@DATASET_REGISTRY.register("sop")
 class SOP(ImageListDataset):
     """Stanford Online Products: 22,634 products, 120,053 images; the label is `class_id`."""
 

@@ -22,10 +22,12 @@ from collections import defaultdict
 from typing import Callable
 
 from .base import ImageListDataset, Record, check_relative_path, parse_int, read_lines, split_fields
+from .build import DATASET_REGISTRY
 
 TEST_SIZES = {"small": 800, "medium": 1600, "large": 2400}
 
 
+@DATASET_REGISTRY.register("vehicleid")
 class VehicleID(ImageListDataset):
     """VehicleID: train split plus query/gallery splits for the Small, Medium and Large test sets."""
 

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ...data.transforms import BNINCEPTION_CONVENTION
+from .build import BACKBONE_REGISTRY
 from .convnet import Backbone
 
 # block, in_channels, 1x1, 3x3_reduce, 3x3, double_3x3_reduce, double_3x3, pool branch, pool_proj
@@ -39,8 +41,12 @@ _BLOCKS = (
 )
 
 
+@BACKBONE_REGISTRY.register("bninception")
 class BNInception(Backbone):
     """BN-Inception trunk + global pooling; `out_features` = 1024."""
+
+    # The Caffe-era ImageNet port's pixels: BGR, 0-255, mean subtracted.
+    INPUT_CONVENTION = BNINCEPTION_CONVENTION
 
     def __init__(self, pooling: str = "avg"):
         super().__init__(pooling)

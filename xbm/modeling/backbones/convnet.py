@@ -16,6 +16,9 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ...data.transforms import IMAGENET_CONVENTION, InputConvention
+from .build import BACKBONE_REGISTRY
+
 POOLINGS = ("avg", "max", "avgmax")
 
 
@@ -49,11 +52,20 @@ class Backbone(nn.Module):
     """
 
     out_features: int
+    # The pixels the weights expect (channel order, range, mean/std); the transforms read it by name.
+    INPUT_CONVENTION: InputConvention = IMAGENET_CONVENTION
 
     def __init__(self, pooling: str = "avg"):
         super().__init__()
         self.pool = GlobalPool(pooling)
         self.frozen_bn = False
+
+    @classmethod
+    def from_config(cls, cfg) -> "Backbone":
+        """Built from MODEL.BACKBONE: this default takes POOLING, and refuses the ResNet-only keys."""
+        spec = cfg.MODEL.BACKBONE
+        refuse_resnet_keys(spec)
+        return cls(pooling=spec.POOLING)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
@@ -81,6 +93,15 @@ class Backbone(nn.Module):
         return self
 
 
+def refuse_resnet_keys(spec) -> None:
+    """MODEL.BACKBONE.STEM_RELU and LAST_STRIDE change ResNets only: another backbone keeps their defaults."""
+    name = spec.NAME.lower()
+    if not spec.STEM_RELU:
+        raise ValueError(f"MODEL.BACKBONE.STEM_RELU False applies to ResNets only; keep True for {name}")
+    if int(spec.LAST_STRIDE) != 2:
+        raise ValueError(f"MODEL.BACKBONE.LAST_STRIDE {spec.LAST_STRIDE} applies to ResNets only; keep 2 for {name}")
+
+
 def conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
     return [
         nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
@@ -89,8 +110,16 @@ def conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
     ]
 
 
+@BACKBONE_REGISTRY.register("convnet")
 class ConvNet(Backbone):
     """Small VGG-style net for 32 px images; `out_features` = the last width."""
+
+    @classmethod
+    def from_config(cls, cfg) -> "ConvNet":
+        """MODEL.BACKBONE.CONVNET_WIDTHS and POOLING."""
+        spec = cfg.MODEL.BACKBONE
+        refuse_resnet_keys(spec)
+        return cls(spec.CONVNET_WIDTHS, pooling=spec.POOLING)
 
     def __init__(self, widths: Sequence[int] = (32, 64, 128, 256), pooling: str = "avg"):
         super().__init__(pooling)

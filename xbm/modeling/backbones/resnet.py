@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torchvision import models
 
+from .build import BACKBONE_REGISTRY
 from .convnet import Backbone
 
 ARCHITECTURES = {"resnet18": models.resnet18, "resnet50": models.resnet50}
@@ -35,9 +36,20 @@ class ResNet(Backbone):
             for conv in (first_block.conv1, first_block.conv2, first_block.downsample[0]):
                 conv.stride = (1, 1)
 
+    @classmethod
+    def from_config(cls, cfg) -> "ResNet":
+        """The architecture MODEL.BACKBONE.NAME, with POOLING, LAST_STRIDE and STEM_RELU."""
+        spec = cfg.MODEL.BACKBONE
+        return cls(spec.NAME.lower(), pooling=spec.POOLING, last_stride=int(spec.LAST_STRIDE),
+                   stem_relu=spec.STEM_RELU)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.bn1(self.conv1(x))
         if self.stem_relu:
             x = self.relu(x)
         x = self.maxpool(x)
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+for _arch in ARCHITECTURES:  # one class, one registered name per depth
+    BACKBONE_REGISTRY.register(_arch, ResNet)
