@@ -71,14 +71,14 @@ sys.path.insert(0, ROOT)
 
 from xbm.cluster import CLUSTER_LAUNCHERS, ClusterError, add_cluster_arguments, options_from_args  # noqa: E402
 from xbm.config import ConfigError, load_cfg  # noqa: E402
+from xbm.config.rules import (  # noqa: E402
+    MEMORY_SIZE_KEY as SIZE_KEY, NO_MEMORY, config_differences, is_memory_only, memory_size_overrides,
+)
 from xbm.utils.plotting import (  # noqa: E402
     final_metrics, mean_and_std, new_figure, read_metrics, save_figure, spans_decades,
 )
 
 TRAIN_SCRIPT = os.path.join(ROOT, "tools", "train_net.py")
-SIZE_KEY = "XBM.SIZE"
-# Keys read only when XBM.ENABLE is True (a key ending with "." covers its whole sub-tree).
-MEMORY_ONLY_KEYS = ("XBM.SIZE", "XBM.START_ITERATION", "XBM.WEIGHT", "XBM.DTYPE", "XBM.FILL_FROM", "XBM.ADAPT.")
 # Keys the sweep sets itself.
 RESERVED_KEYS = ("OUTPUT_DIR", "SOLVER.SEED")
 CONSOLE_LOG = "console.log"
@@ -191,18 +191,13 @@ def parse_axis(cfg_file: str | None, opts: list[str], key: str, raw_values: list
     return Axis(key, tuple(raw_values), tuple(values))
 
 
-def memory_only(key: str) -> bool:
-    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in MEMORY_ONLY_KEYS)
-
-
 def _grid_overrides(axes: list[Axis], index: tuple[int, ...], memory_on: bool = True) -> list[str]:
     """KEY VALUE overrides of one combination; with the memory off, memory-only keys are left out."""
     opts = []
     for axis, i in zip(axes, index):
         if axis.key == SIZE_KEY:
-            # 0 = no memory; XBM.SIZE keeps the config's value so the config stays valid.
-            opts += ["XBM.ENABLE", "False"] if axis.values[i] == 0 else [SIZE_KEY, axis.raw[i], "XBM.ENABLE", "True"]
-        elif memory_on or not memory_only(axis.key):
+            opts += memory_size_overrides(axis.raw[i], axis.values[i])
+        elif memory_on or not is_memory_only(axis.key):
             opts += [axis.key, axis.raw[i]]
     return opts
 
@@ -253,7 +248,7 @@ def plan_sweep(cfg_file: str | None, grids: list[tuple[str, list[str]]], seeds: 
                 raise SweepError(f"combination {described}, seed {seed}: {err}") from None
             named = [
                 (a.key, a.raw[i]) for a, i in zip(axes, index)
-                if memory_on or not memory_only(a.key) or (a.key == SIZE_KEY and a.values[i] == 0)
+                if memory_on or not is_memory_only(a.key) or (a.key == SIZE_KEY and a.values[i] == NO_MEMORY)
             ]
             name = folder_name(named, seed)
             if name not in runs:
@@ -282,8 +277,6 @@ def check_folder(run: Run) -> list[str]:
     if saved is None:
         return []
     import yaml
-
-    from xbm.engine.trainer import config_differences
 
     return config_differences(saved, yaml.safe_load(run.cfg.dump()))
 

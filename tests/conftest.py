@@ -28,3 +28,16 @@ def glyph_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("glyphs")
     generate_tiny_glyphs(root)
     return root
+
+
+@pytest.fixture
+def xbm_log(caplog):
+    """caplog for the "xbm" logger, which stops propagating to the root once a Trainer set it up."""
+    import logging
+
+    logger = logging.getLogger("xbm")
+    propagate, logger.propagate = logger.propagate, False  # each record once, whichever state it was in
+    logger.addHandler(caplog.handler)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+    logger.propagate = propagate

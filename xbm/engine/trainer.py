@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..config import check_cfg
+from ..config.rules import check_global_batch, config_differences, resolve_memory_size
 from ..data.datasets import build_dataset, dataset_class
 from ..data.loader import build_train_loader
 from ..data.sampler import sampler_class
@@ -43,16 +44,6 @@ from .evaluator import Evaluator
 from .performance import check_runtime, compiled, configure_backends, evaluation_amp_dtype, memory_format
 from .run_guard import TrainingStopped, stop_agreed
 from .solver import build_optimizer, build_plateau, build_scheduler
-
-# Keys that may change between a checkpoint and the run that resumes it: they change how long or
-# where a run goes, not what it computes.
-RESUMABLE_CHANGES = (
-    "OUTPUT_DIR", "MODEL.DEVICE", "DATA.NUM_WORKERS", "SOLVER.MAX_ITERS", "SOLVER.RESUME", "SOLVER.CHECKPOINT_PERIOD",
-    "SOLVER.LOG_PERIOD", "TEST.EVAL_PERIOD", "TEST.BATCH_SIZE", "TEST.KNN_BACKEND", "TEST.RECALL_KS",
-    "SOLVER.MAX_NONFINITE_STEPS", "DATA.PERSISTENT_WORKERS", "DATA.PREFETCH_FACTOR", "DATA.UINT8_TRANSFER",
-    "PERF.CUDNN_BENCHMARK", "PERF.TF32", "PERF.CHANNELS_LAST", "PERF.COMPILE", "PERF.DETERMINISTIC",
-)
-
 
 class NonFiniteLossError(FloatingPointError):
     """The loss stayed NaN or infinite for SOLVER.MAX_NONFINITE_STEPS steps in a row; the run
@@ -88,36 +79,6 @@ def format_results(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """'KEY: saved -> current' for every leaf that differs (ignoring RESUMABLE_CHANGES)."""
-    diffs = []
-    for key in sorted(set(saved) | set(current)):
-        name = f"{prefix}{key}"
-        old, new = saved.get(key), current.get(key)
-        if isinstance(old, dict) and isinstance(new, dict):
-            diffs += config_differences(old, new, name + ".")
-        elif name not in RESUMABLE_CHANGES and _plain(old) != _plain(new):
-            diffs.append(f"{name}: {old!r} -> {new!r}")
-    return diffs
-
-
-def _plain(value):
-    return list(value) if isinstance(value, tuple) else value
-
-
-def check_global_batch(cfg, world_size: int) -> None:
-    """The memory receives the batches of all ranks at once: it must hold one global batch."""
-    global_batch = world_size * cfg.DATA.BATCH_SIZE
-    # XBM.SIZE -1 (the whole training set) is only known once the data is read.
-    if cfg.XBM.ENABLE and cfg.XBM.SIZE != -1 and cfg.XBM.SIZE < global_batch:
-        raise ValueError(
-            f"XBM.SIZE ({cfg.XBM.SIZE}) is smaller than the global batch of this distributed run, "
-            f"DATA.BATCH_SIZE ({cfg.DATA.BATCH_SIZE}) per process x {world_size} processes = {global_batch}: "
-            f"the memory receives every process's batch each step; set XBM.SIZE >= {global_batch} "
-            "or lower DATA.BATCH_SIZE"
-        )
-
-
 class Trainer:
     def __init__(self, cfg, resume: str | None = None):
         check_cfg(cfg)
@@ -138,7 +99,7 @@ class Trainer:
         configure_backends(cfg)
         self.memory_format = memory_format(cfg)
         self.train_set, val_tasks = self._training_data()
-        self.cfg = cfg = self._resolve_memory_size(cfg)
+        self.cfg = cfg = resolve_memory_size(cfg, len(self.train_set), self.world_size)
         self.evaluator = build_evaluator(cfg, self.device, val_tasks) if self.is_main else None
         self.model = build_model(cfg).to(self.device, memory_format=self.memory_format)
         # What training steps call (DDP, compiled); self.model is what is saved and evaluated.
@@ -147,7 +108,7 @@ class Trainer:
         # The memory's finiteness check is part of the step's one host synchronisation (train_step).
         self.memory = build_memory(cfg, self.device, check_finite=False)
         self.adapter = build_adapter(cfg) if self.memory is not None else None
-        self.drift = self._drift_monitor() if cfg.XBM.DRIFT.ENABLE and self.is_main else None
+        self.drift = self._drift_monitor() if cfg.DRIFT.ENABLE and self.is_main else None
         self.optimizer = build_optimizer(cfg, [p for p in self.model.parameters() if p.requires_grad])
         self.plateau = build_plateau(cfg)  # SOLVER.SCHEDULER plateau: a factor stepped by evaluations
         self.scheduler = build_scheduler(cfg, self.optimizer, self.plateau)
@@ -203,17 +164,6 @@ class Trainer:
         train_set, val_set = split_validation(train_set, eval_view, cfg.DATA.VAL_FRACTION, seed=cfg.SOLVER.SEED)
         return train_set, {"val": (val_set, None)}
 
-    def _resolve_memory_size(self, cfg):
-        """XBM.SIZE -1 means one entry per training image; config.yaml records the number."""
-        if not cfg.XBM.ENABLE or cfg.XBM.SIZE != -1:
-            return cfg
-        cfg = cfg.clone()
-        cfg.defrost()
-        cfg.XBM.SIZE = len(self.train_set)
-        cfg.freeze()
-        check_global_batch(cfg, self.world_size)
-        return cfg
-
     def _distributed(self, model: torch.nn.Module) -> torch.nn.Module:
         """The model wrapped in DistributedDataParallel under torchrun; the model itself otherwise."""
         if self.world_size == 1:
@@ -227,7 +177,7 @@ class Trainer:
         cfg = self.cfg
         # The test-time transform: drift should measure the network, not the augmentation.
         probe_set = build_dataset(cfg, dataset_class(cfg).TRAIN_SPLIT, build_transforms(cfg, train=False))
-        return DriftMonitor(probe_set, num_samples=cfg.XBM.DRIFT.NUM_SAMPLES, interval=cfg.XBM.DRIFT.INTERVAL,
+        return DriftMonitor(probe_set, num_samples=cfg.DRIFT.NUM_SAMPLES, interval=cfg.DRIFT.INTERVAL,
                             device=self.device, batch_size=cfg.TEST.BATCH_SIZE)
 
     def _train_loader(self) -> DataLoader:
