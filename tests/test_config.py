@@ -85,7 +85,7 @@ def test_memory_smaller_than_batch_is_fine_when_memory_is_off():
 def test_every_shipped_config_loads():
     import glob
 
-    files = sorted(glob.glob("configs/*.yaml"))
+    files = sorted(glob.glob("configs/*.yaml") + glob.glob("configs/base/*.yaml"))
     assert files
     for path in files:
         load_cfg(path)
