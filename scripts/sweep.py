@@ -20,8 +20,9 @@ Rules (each checked before anything is launched):
   config file. Any other XBM.SIZE of a grid sets XBM.ENABLE True, so a grid over the memory size
   means the same whatever the config file says.
 - With the memory off, the memory-only keys (XBM.SIZE, XBM.START_ITERATION, XBM.WEIGHT, XBM.DTYPE,
-  XBM.FILL_FROM, XBM.ADAPT.*) change nothing: combinations that differ only in them are one experiment, trained
-  once in a folder named without them (e.g. DIR/XBM.SIZE=0__seed=0) and reported under each.
+  XBM.FILL_FROM, XBM.ADAPT.*; xbm/config/rules.py) change nothing: combinations that differ only in them
+  are one experiment, trained once in a folder named without them (e.g. DIR/XBM.SIZE=0__seed=0) and
+  reported under each.
 - A run is finished when its metrics.jsonl has an evaluation at iteration == SOLVER.MAX_ITERS.
   Finished runs are not launched again; unfinished ones are relaunched with --resume auto, so
   they continue from checkpoints/last.pth (raising SOLVER.MAX_ITERS extends finished runs).
