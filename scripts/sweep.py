@@ -20,8 +20,9 @@ Rules (each checked before anything is launched):
   config file. Any other XBM.SIZE of a grid sets XBM.ENABLE True, so a grid over the memory size
   means the same whatever the config file says.
 - With the memory off, the memory-only keys (XBM.SIZE, XBM.START_ITERATION, XBM.WEIGHT, XBM.DTYPE,
-  XBM.FILL_FROM, XBM.ADAPT.*) change nothing: combinations that differ only in them are one experiment, trained
-  once in a folder named without them (e.g. DIR/XBM.SIZE=0__seed=0) and reported under each.
+  XBM.FILL_FROM, XBM.ADAPT.*; xbm/config/rules.py) change nothing: combinations that differ only in them
+  are one experiment, trained once in a folder named without them (e.g. DIR/XBM.SIZE=0__seed=0) and
+  reported under each.
 - A run is finished when its metrics.jsonl has an evaluation at iteration == SOLVER.MAX_ITERS.
   Finished runs are not launched again; unfinished ones are relaunched with --resume auto, so
   they continue from checkpoints/last.pth (raising SOLVER.MAX_ITERS extends finished runs).
@@ -71,14 +72,14 @@ sys.path.insert(0, ROOT)
 
 from xbm.cluster import CLUSTER_LAUNCHERS, ClusterError, add_cluster_arguments, options_from_args  # noqa: E402
 from xbm.config import ConfigError, load_cfg  # noqa: E402
+from xbm.config.rules import (  # noqa: E402
+    MEMORY_SIZE_KEY as SIZE_KEY, NO_MEMORY, config_differences, is_memory_only, memory_size_overrides,
+)
 from xbm.utils.plotting import (  # noqa: E402
     final_metrics, mean_and_std, new_figure, read_metrics, save_figure, spans_decades,
 )
 
 TRAIN_SCRIPT = os.path.join(ROOT, "tools", "train_net.py")
-SIZE_KEY = "XBM.SIZE"
-# Keys read only when XBM.ENABLE is True (a key ending with "." covers its whole sub-tree).
-MEMORY_ONLY_KEYS = ("XBM.SIZE", "XBM.START_ITERATION", "XBM.WEIGHT", "XBM.DTYPE", "XBM.FILL_FROM", "XBM.ADAPT.")
 # Keys the sweep sets itself.
 RESERVED_KEYS = ("OUTPUT_DIR", "SOLVER.SEED")
 CONSOLE_LOG = "console.log"
@@ -191,18 +192,13 @@ def parse_axis(cfg_file: str | None, opts: list[str], key: str, raw_values: list
     return Axis(key, tuple(raw_values), tuple(values))
 
 
-def memory_only(key: str) -> bool:
-    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in MEMORY_ONLY_KEYS)
-
-
 def _grid_overrides(axes: list[Axis], index: tuple[int, ...], memory_on: bool = True) -> list[str]:
     """KEY VALUE overrides of one combination; with the memory off, memory-only keys are left out."""
     opts = []
     for axis, i in zip(axes, index):
         if axis.key == SIZE_KEY:
-            # 0 = no memory; XBM.SIZE keeps the config's value so the config stays valid.
-            opts += ["XBM.ENABLE", "False"] if axis.values[i] == 0 else [SIZE_KEY, axis.raw[i], "XBM.ENABLE", "True"]
-        elif memory_on or not memory_only(axis.key):
+            opts += memory_size_overrides(axis.raw[i], axis.values[i])
+        elif memory_on or not is_memory_only(axis.key):
             opts += [axis.key, axis.raw[i]]
     return opts
 
@@ -253,7 +249,7 @@ def plan_sweep(cfg_file: str | None, grids: list[tuple[str, list[str]]], seeds: 
                 raise SweepError(f"combination {described}, seed {seed}: {err}") from None
             named = [
                 (a.key, a.raw[i]) for a, i in zip(axes, index)
-                if memory_on or not memory_only(a.key) or (a.key == SIZE_KEY and a.values[i] == 0)
+                if memory_on or not is_memory_only(a.key) or (a.key == SIZE_KEY and a.values[i] == NO_MEMORY)
             ]
             name = folder_name(named, seed)
             if name not in runs:
@@ -282,8 +278,6 @@ def check_folder(run: Run) -> list[str]:
     if saved is None:
         return []
     import yaml
-
-    from xbm.engine.trainer import config_differences
 
     return config_differences(saved, yaml.safe_load(run.cfg.dump()))
 

@@ -85,7 +85,7 @@ def test_memory_smaller_than_batch_is_fine_when_memory_is_off():
 def test_every_shipped_config_loads():
     import glob
 
-    files = sorted(glob.glob("configs/*.yaml"))
+    files = sorted(glob.glob("configs/*.yaml") + glob.glob("configs/base/*.yaml"))
     assert files
     for path in files:
         load_cfg(path)
@@ -117,3 +117,62 @@ def test_every_default_key_is_read_by_code():
         return ".".join(sections) in sources and re.search(rf"\.{leaf}\b", sources) is not None
 
     assert [key for key in leaves(get_cfg()) if not is_read(key)] == []
+
+
+# ---------------------------------------------------------------- _BASE_ inheritance
+def test_base_chain_is_merged_base_first_relative_to_each_file(tmp_path):
+    (tmp_path / "bases").mkdir()
+    (tmp_path / "bases" / "root.yaml").write_text("XBM:\n  SIZE: 100\n  WEIGHT: 0.5\nSOLVER:\n  BASE_LR: 0.1\n")
+    (tmp_path / "bases" / "mid.yaml").write_text("_BASE_: root.yaml\nXBM:\n  SIZE: 200\n")
+    (tmp_path / "leaf.yaml").write_text("_BASE_: bases/mid.yaml\nSOLVER:\n  BASE_LR: 0.3\n")
+    cfg = load_cfg(str(tmp_path / "leaf.yaml"), ["XBM.WEIGHT", "2"])
+    # root <- mid <- leaf <- command line, each level keeping what the later ones do not set
+    assert (cfg.XBM.SIZE, cfg.SOLVER.BASE_LR, cfg.XBM.WEIGHT) == (200, 0.3, 2.0)
+    assert "_BASE_" not in cfg.dump() and "SIZE: 200" in cfg.dump()
+
+
+@pytest.mark.parametrize("files, message", [
+    ({"a.yaml": "_BASE_: b.yaml\n", "b.yaml": "_BASE_: a.yaml\n"},
+     r"b\.yaml: _BASE_ a\.yaml makes a cycle of config files \(.*a\.yaml -> .*b\.yaml -> .*a\.yaml\)"),
+    ({"a.yaml": "_BASE_: a.yaml\n"}, r"a\.yaml: _BASE_ a\.yaml makes a cycle"),
+    ({"a.yaml": "_BASE_: gone.yaml\nXBM:\n  SIZE: 64\n"}, r"a\.yaml: _BASE_ gone\.yaml does not exist"),
+    ({"a.yaml": "_BASE_: [b.yaml]\n"}, r"a\.yaml: _BASE_ must name a config file"),
+    ({"a.yaml": "_BASE_: b.yaml\n", "b.yaml": "XBM:\n  SIZEE: 1\n"}, r"unknown config key 'XBM\.SIZEE' in .*b\.yaml"),
+])
+def test_bad_base_is_one_sentence_naming_the_file(tmp_path, files, message):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError, match=message) as err:
+        load_cfg(str(tmp_path / "a.yaml"))
+    assert "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------- XBM.DRIFT -> DRIFT
+def test_old_drift_section_is_read_as_drift_with_one_warning(tmp_path, xbm_log):
+    path = tmp_path / "old.yaml"
+    path.write_text("XBM:\n  ENABLE: true\n  DRIFT:\n    ENABLE: true\n    NUM_SAMPLES: 32\n")
+    cfg = load_cfg(str(path))
+    assert cfg.DRIFT.ENABLE is True and cfg.DRIFT.NUM_SAMPLES == 32 and cfg.DRIFT.INTERVAL == 50
+    assert cfg.XBM.ENABLE is True and "DRIFT" not in cfg.XBM
+    warnings = [r.getMessage() for r in xbm_log.records if r.levelname == "WARNING"]
+    assert warnings == [f"{path}: XBM.DRIFT is now DRIFT (read as such; rename it in the file)"]
+    assert load_cfg(None, ["XBM.DRIFT.INTERVAL", "7"]).DRIFT.INTERVAL == 7  # old command lines too
+    path.write_text("XBM:\n  DRIFT:\n    ENABLE: true\nDRIFT:\n  ENABLE: false\n")
+    with pytest.raises(ConfigError, match=r"old\.yaml: XBM\.DRIFT is the old name of DRIFT: give only DRIFT"):
+        load_cfg(str(path))
+
+
+def test_saved_config_of_an_old_checkpoint_is_read_as_today_and_resume_ignores_the_rename():
+    from xbm.config.rules import config_differences
+
+    old = get_cfg()
+    old.defrost()
+    saved = yaml.safe_load(old.dump())
+    saved["XBM"]["DRIFT"] = saved.pop("DRIFT")  # the layout of xbm before DRIFT had its own section
+    saved["XBM"]["DRIFT"]["NUM_SAMPLES"] = 64
+    cfg = load_cfg(base_yaml=yaml.safe_dump(saved), opts=["OUTPUT_DIR", "elsewhere"])
+    assert cfg.DRIFT.NUM_SAMPLES == 64
+    assert config_differences(saved, yaml.safe_load(cfg.dump())) == []
+    changed = load_cfg(base_yaml=yaml.safe_dump(saved), opts=["DRIFT.NUM_SAMPLES", "16", "XBM.SIZE", "8192"])
+    assert config_differences(saved, yaml.safe_load(changed.dump())) == [
+        "DRIFT.NUM_SAMPLES: 64 -> 16", "XBM.SIZE: 4096 -> 8192"]

@@ -16,9 +16,10 @@ import torch.multiprocessing as mp
 
 from xbm.cli import train_main
 from xbm.config import load_cfg
+from xbm.config.rules import check_global_batch
 from xbm.data.sampler import MPerClassBatchSampler
 from xbm.engine.checkpoint import load_checkpoint
-from xbm.engine.trainer import Trainer, check_global_batch
+from xbm.engine.trainer import Trainer
 from xbm.utils.distributed import (all_gather_batch, all_gather_object, all_gather_with_grad, all_ranks_true,
                                    broadcast_object, get_rank, get_world_size, init_distributed,
                                    shutdown_distributed, sum_over_ranks)

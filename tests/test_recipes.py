@@ -2,11 +2,13 @@
 differently: torch's own ReduceLROnPlateau, a plain-loop sampler, a hand-written ResNet stem."""
 import json
 import math
+import os
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from xbm.config import check_cfg, get_cfg, load_cfg
@@ -308,6 +310,9 @@ def test_bad_fill_from_is_refused():
 
 # ---------------------------------------------------------------- every paper setting cites its source
 SELF_EXPLANATORY = {"OUTPUT_DIR", "DATA.NAME", "DATA.ROOT"}
+PAPER_CONFIGS = sorted(
+    [n for n in os.listdir("configs") if n.endswith(".yaml") and not n.startswith("glyphs")]
+    + [f"base/{n}" for n in os.listdir("configs/base") if n.endswith(".yaml")])
 
 
 def _leaf_lines(path):
@@ -323,19 +328,87 @@ def _leaf_lines(path):
             yield ".".join(stack), line
 
 
-@pytest.mark.parametrize("name", sorted(
-    n for n in __import__("os").listdir("configs") if n.endswith(".yaml") and not n.startswith("glyphs")))
-def test_every_non_default_paper_setting_cites_a_source(name):
-    cfg, default = load_cfg(f"configs/{name}", []), get_cfg()
+def _base_of(name):
+    """The config file `configs/<name>` names as _BASE_ (relative to configs/), or None."""
+    base = (yaml.safe_load(open(f"configs/{name}")) or {}).get("_BASE_")
+    return None if base is None else os.path.relpath(os.path.join(os.path.dirname(f"configs/{name}"), base), "configs")
+
+
+@pytest.mark.parametrize("name", PAPER_CONFIGS)
+def test_every_paper_setting_cites_a_source_where_it_is_set(name):
+    """A line that changes what the file inherits (from its _BASE_, or the defaults) says where the value
+    comes from; a setting inherited from a base is cited in the base (tested as its own file here)."""
+    base = _base_of(name)
+    cfg, inherited = load_cfg(f"configs/{name}", []), load_cfg(f"configs/{base}", []) if base else get_cfg()
     missing = []
     for key, line in _leaf_lines(f"configs/{name}"):
-        value, default_value = cfg, default
+        if key == "_BASE_":
+            continue
+        value, inherited_value = cfg, inherited
         for part in key.split("."):
-            value, default_value = value[part], default_value[part]
-        if key not in SELF_EXPLANATORY and value != default_value and "#" not in line:
+            value, inherited_value = value[part], inherited_value[part]
+        if key not in SELF_EXPLANATORY and value != inherited_value and "#" not in line:
             missing.append(key)
     assert not missing, f"{name}: no source beside {missing}"
     assert "DESIGN" not in open(f"configs/{name}").read()
+
+
+def _leaves(node, prefix=""):
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+# Each config and what it changes in its _BASE_ (merged values): a paper's variant is its base plus
+# these keys and nothing else, so a baseline and its memory run differ only in the memory.
+MEMORY_ON = {"OUTPUT_DIR", "XBM.ENABLE"}
+DATASET = {"OUTPUT_DIR", "DATA.NAME", "DATA.ROOT", "XBM.SIZE"}
+XBN_SCHEDULE = {"SOLVER.MAX_ITERS", "SOLVER.STEPS", "SOLVER.HEAD_WARMUP_ITERS", "SOLVER.CHECKPOINT_PERIOD",
+                "TEST.EVAL_PERIOD"}
+AXBN = {"OUTPUT_DIR", "XBM.ADAPT.NAME", "XBM.ADAPT.KALMAN_INTERVAL"}  # q, p0 and r are the defaults
+INHERITANCE = {
+    "glyphs_xbm.yaml": ("glyphs_baseline.yaml", MEMORY_ON),
+    "glyphs_xbn.yaml": ("glyphs_xbm.yaml", {"OUTPUT_DIR", "XBM.ADAPT.NAME"}),
+    "glyphs_axbn.yaml": ("glyphs_xbn.yaml", {"OUTPUT_DIR", "XBM.ADAPT.NAME"}),  # the gain every step, as the default
+    "sop_baseline.yaml": ("base/xbm_official_r50.yaml", DATASET),
+    "sop_xbm_official.yaml": ("sop_baseline.yaml", MEMORY_ON | {
+        "MODEL.BACKBONE.STEM_RELU", "DATA.SAMPLER", "DATA.VAL_FRACTION", "SOLVER.PLATEAU.SPLIT", "TEST.SELECT_METRIC",
+        "TEST.REPORT_BEST_ON_TEST"}),
+    "sop_xbm.yaml": ("sop_baseline.yaml", MEMORY_ON | {
+        "DATA.VAL_FRACTION", "XBM.SIZE", "SOLVER.BASE_LR", "SOLVER.MAX_ITERS", "SOLVER.SCHEDULER", "SOLVER.STEPS"}),
+    "sop_bninception_baseline.yaml": ("sop_baseline.yaml", {"OUTPUT_DIR", "MODEL.BACKBONE.NAME", "MODEL.HEAD.DIM"}),
+    "sop_bninception_xbm.yaml": ("sop_bninception_baseline.yaml", MEMORY_ON),
+    "inshop_baseline.yaml": ("base/xbm_official_r50.yaml", DATASET),
+    "inshop_xbm.yaml": ("inshop_baseline.yaml", MEMORY_ON),
+    "deepfashion2_baseline.yaml": ("base/xbm_official_r50.yaml", DATASET),
+    "deepfashion2_xbm.yaml": ("deepfashion2_baseline.yaml", MEMORY_ON),
+    "sop_xbn.yaml": ("base/xbn_r50.yaml", DATASET | XBN_SCHEDULE),
+    "sop_axbn.yaml": ("sop_xbn.yaml", AXBN),
+    "inshop_xbn.yaml": ("base/xbn_r50.yaml", DATASET | XBN_SCHEDULE),
+    "inshop_axbn.yaml": ("inshop_xbn.yaml", AXBN),
+    "deepfashion2_xbn.yaml": ("base/xbn_r50.yaml", DATASET | XBN_SCHEDULE),
+    "deepfashion2_axbn.yaml": ("deepfashion2_xbn.yaml", AXBN),
+    "cub200_baseline.yaml": ("base/ms_loss_bninception.yaml", DATASET),
+    "cub200_xbm.yaml": ("cub200_baseline.yaml", MEMORY_ON | {"XBM.START_ITERATION", "XBM.FILL_FROM"}),
+    "cars196_baseline.yaml": ("base/ms_loss_bninception.yaml", DATASET),
+    "cars196_xbm.yaml": ("cars196_baseline.yaml", MEMORY_ON | {"XBM.START_ITERATION", "XBM.FILL_FROM"}),
+}
+
+
+def test_every_experiment_is_its_base_plus_its_own_keys():
+    experiments = sorted(n for n in os.listdir("configs") if n.endswith(".yaml"))
+    assert sorted(INHERITANCE) == [n for n in experiments if n != "glyphs_baseline.yaml"]
+    for name, (base, changed) in INHERITANCE.items():
+        assert _base_of(name) == base, name
+        merged = dict(_leaves(yaml.safe_load(load_cfg(f"configs/{name}").dump())))
+        inherited = dict(_leaves(yaml.safe_load(load_cfg(f"configs/{base}").dump())))
+        assert {k for k in merged if merged[k] != inherited[k]} == changed, name
+        # a variant is a few lines: what it changes, not a copy of its base (the AXBN block also spells
+        # out q, p0 and r, the defaults, to cite them)
+        settings = [key for key, _ in _leaf_lines(f"configs/{name}") if key != "_BASE_"]
+        assert len(settings) <= len(changed) + 4, (name, settings)
 
 
 def test_official_sop_config_is_the_official_behaviour():

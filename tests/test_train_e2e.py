@@ -22,8 +22,8 @@ def _run_opts(root, out, *extra):
 @pytest.mark.slow
 def test_training_writes_every_output_and_the_loss_falls(glyph_root, tmp_path, capsys):
     out = tmp_path / "run"
-    opts = _run_opts(glyph_root, out, "XBM.DRIFT.ENABLE", "True", "XBM.DRIFT.INTERVAL", "10",
-                     "XBM.DRIFT.NUM_SAMPLES", "32", "SOLVER.KEEP_CHECKPOINTS", "1")
+    opts = _run_opts(glyph_root, out, "DRIFT.ENABLE", "True", "DRIFT.INTERVAL", "10",
+                     "DRIFT.NUM_SAMPLES", "32", "SOLVER.KEEP_CHECKPOINTS", "1")
     assert train_main(opts) == 0
 
     assert (out / "config.yaml").read_text().count("xbn") == 1

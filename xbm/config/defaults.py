@@ -132,13 +132,16 @@ _C.XBM.ADAPT.KALMAN_INTERVAL = 1
 # EMA adaptation: momentum of the running moments (0 = XBN)
 _C.XBM.ADAPT.EMA_MOMENTUM = 0.1
 
-_C.XBM.DRIFT = CN()
-# Measure feature drift (the XBM paper's "slow drift") on a fixed subset of training images
-_C.XBM.DRIFT.ENABLE = False
+# ---------------------------------------------------------------------------
+# Feature drift (the XBM paper's "slow drift"), measured with or without a memory. Called XBM.DRIFT
+# before; config files and checkpoints that say XBM.DRIFT are read as DRIFT (xbm/config/rules.py).
+_C.DRIFT = CN()
+# Measure feature drift on a fixed subset of training images (drift.jsonl, tensorboard)
+_C.DRIFT.ENABLE = False
 # Iterations between two embeddings of the subset (drift = distance between them)
-_C.XBM.DRIFT.INTERVAL = 50
+_C.DRIFT.INTERVAL = 50
 # Training images in the fixed subset
-_C.XBM.DRIFT.NUM_SAMPLES = 256
+_C.DRIFT.NUM_SAMPLES = 256
 
 # ---------------------------------------------------------------------------
 _C.LOSS = CN()

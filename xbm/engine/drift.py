@@ -159,6 +159,6 @@ class DriftMonitor:
         indices = indices.numpy() if isinstance(indices, torch.Tensor) else np.asarray(indices)
         if not np.array_equal(indices, self.indices):
             raise ValueError("the saved drift snapshot was taken on another probe set "
-                             "(XBM.DRIFT.NUM_SAMPLES, the seed or the training set changed)")
+                             "(DRIFT.NUM_SAMPLES, the seed or the training set changed)")
         self.snapshot = state["embeddings"]
         self.snapshot_iteration = state["iteration"]

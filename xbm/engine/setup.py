@@ -47,7 +47,7 @@ def build_evaluator(cfg, device, extra_tasks: dict | None = None) -> Evaluator:
 def build_drift_monitor(cfg, device) -> DriftMonitor:
     # The test-time transform: drift should measure the network, not the augmentation.
     probe_set = build_dataset(cfg, dataset_class(cfg).TRAIN_SPLIT, build_transforms(cfg, train=False))
-    return DriftMonitor(probe_set, num_samples=cfg.XBM.DRIFT.NUM_SAMPLES, interval=cfg.XBM.DRIFT.INTERVAL,
+    return DriftMonitor(probe_set, num_samples=cfg.DRIFT.NUM_SAMPLES, interval=cfg.DRIFT.INTERVAL,
                         device=device, batch_size=cfg.TEST.BATCH_SIZE)
 
 

@@ -20,22 +20,21 @@ import os
 import warnings
 
 import torch
-import yaml  # yacs depends on PyYAML
 
 from ..config import check_cfg
+from ..config.rules import check_global_batch, resolve_memory_size
 from ..modeling import build_model
 from ..objective import build_objective
-from ..utils.distributed import all_gather_object, all_ranks_true, get_rank, get_world_size, init_distributed
+from ..utils.distributed import all_ranks_true, get_rank, get_world_size, init_distributed
 from ..utils.env import seed_everything
 from ..utils.logger import setup_logger
 from . import hooks as default_hooks
-from .checkpoint import CHECKPOINT_KEYS, load_checkpoint, restore_rng_states, rng_states, save_checkpoint
+from .checkpoint import checkpoint_state, resume_training, rng_states, save_training
 from .nonfinite import NonFiniteGuard, NonFiniteLossError  # noqa: F401 (raised from run_step)
 from .performance import check_runtime, compiled, configure_backends, memory_format
 from .setup import (build_drift_monitor, build_evaluator, build_training_data, build_training_loader, distributed,
                     log_setup)
 from .solver import build_optimizer, build_plateau, build_scheduler
-from .state import check_global_batch, config_differences, resolve_memory_size
 
 
 class Trainer:
@@ -83,7 +82,6 @@ class Trainer:
         resume = resume or cfg.SOLVER.RESUME
         if resume:
             self._resume(resume)
-            self._check_ranks_agree()
         if self.is_main:
             with open(os.path.join(self.output_dir, "config.yaml"), "w") as f:
                 f.write(cfg.dump())
@@ -93,7 +91,7 @@ class Trainer:
     def build_hooks(self) -> list[default_hooks.HookBase]:
         """The default hooks, in the order they run (see xbm/engine/hooks.py)."""
         drift = [default_hooks.DriftProbe(build_drift_monitor(self.cfg, self.device))] \
-            if self.cfg.XBM.DRIFT.ENABLE and self.is_main else []
+            if self.cfg.DRIFT.ENABLE and self.is_main else []
         return [default_hooks.StopOnSignal(), *drift, default_hooks.MetricWriter(),
                 default_hooks.PeriodicCheckpointer(), default_hooks.EvalHook()]
 
@@ -230,56 +228,11 @@ class Trainer:
 
     def checkpoint_state(self) -> dict | None:
         """state_dict() plus every rank's random state; a collective: all ranks call it, rank 0 gets it."""
-        state = self.state_dict()
-        if self.world_size > 1:
-            state["rng_per_rank"] = all_gather_object(state["rng"])
-        return state if self.is_main else None
+        return checkpoint_state(self)
 
     def save(self) -> None:
         """checkpoints/last.pth, and iter_<N>.pth with SOLVER.KEEP_CHECKPOINTS (the newest N kept)."""
-        state = self.checkpoint_state()
-        if not self.is_main:
-            return
-        save_checkpoint(state, self.checkpoint_path)
-        keep = self.cfg.SOLVER.KEEP_CHECKPOINTS
-        if keep > 0:
-            folder = os.path.dirname(self.checkpoint_path)
-            save_checkpoint(state, os.path.join(folder, f"iter_{self.iteration:07d}.pth"))
-            numbered = sorted(f for f in os.listdir(folder) if f.startswith("iter_") and f.endswith(".pth"))
-            for old in numbered[:-keep]:
-                os.remove(os.path.join(folder, old))
+        save_training(self)
 
     def _resume(self, path: str) -> None:
-        if path == "auto":
-            path = self.checkpoint_path
-            if not os.path.isfile(path):
-                self.logger.info(f"no checkpoint at {path}: starting from scratch")
-                return
-        # Read on the CPU: load_state_dict moves weights, optimizer and memory state to their
-        # device, and the random states must stay CPU tensors (see restore_rng_states).
-        state = load_checkpoint(path, map_location="cpu", required=CHECKPOINT_KEYS)
-        diffs = config_differences(yaml.safe_load(state["config"]), yaml.safe_load(self.cfg.dump()))
-        if diffs:
-            raise ValueError(f"checkpoint {path} was trained with another config: " + "; ".join(diffs))
-        self.load_state_dict(state)
-        per_rank = state.get("rng_per_rank")
-        same_world = per_rank is not None and len(per_rank) == self.world_size
-        for note in restore_rng_states(per_rank[self.rank] if same_world else state["rng"]):
-            self.logger.warning(f"resuming from {path}: {note}")
-        self.logger.info(f"resumed from {path} at iteration {self.iteration}")
-        saved_world = state.get("world_size", 1)
-        if saved_world != self.world_size:
-            self.logger.warning(
-                f"{path} was written by a run of {saved_world} process(es) and this run has {self.world_size}: "
-                f"the global batch changes from {saved_world * self.cfg.DATA.BATCH_SIZE} to "
-                f"{self.world_size * self.cfg.DATA.BATCH_SIZE} images and the batch stream continues elsewhere")
-
-    def _check_ranks_agree(self) -> None:
-        """Every rank must resume from the same checkpoint (OUTPUT_DIR on a file system all nodes read)."""
-        if self.world_size == 1:
-            return
-        iterations = all_gather_object(self.iteration)
-        if len(set(iterations)) > 1:
-            raise ValueError(
-                f"the ranks resumed at different iterations {iterations}: every node must read the same "
-                f"checkpoint {self.checkpoint_path} (put OUTPUT_DIR on a shared file system or copy it to every node)")
+        resume_training(self, path)
