@@ -193,3 +193,52 @@ def test_the_readme_loop_trains_and_continues_exactly(glyph_batches, tmp_path):
     for name, tensor in objective.state_dict().items():
         other = halves["objective"].state_dict()[name]
         assert torch.equal(other, tensor) if isinstance(tensor, torch.Tensor) else other == tensor, name
+
+
+# ------------------------------------------------------------------ the terms' gradient norms
+def test_gradient_norms_are_each_terms_gradient_and_change_nothing():
+    batches = _batches(torch.Generator().manual_seed(3), 4)
+    measured = CrossBatchObjective(ContrastiveLoss(), CrossBatchMemory(40, 16), inbatch_weight=0.5, memory_weight=3.0)
+    plain = CrossBatchObjective(ContrastiveLoss(), CrossBatchMemory(40, 16), inbatch_weight=0.5, memory_weight=3.0)
+    for step, (emb, labels) in enumerate(batches):
+        memory_before = measured.memory.get()[0].clone(), measured.memory.get()[1].clone()
+        a, b = emb.clone().requires_grad_(), emb.clone().requires_grad_()
+        total, stats = measured(a, labels, step, gradient_norms=True)
+        reference, _ = plain(b, labels, step)
+        total.backward(), reference.backward()
+        assert torch.equal(total, reference) and torch.equal(a.grad, b.grad)
+        # the reference: each term on its own, by autograd's .grad of a fresh leaf
+        inbatch_leaf = emb.clone().requires_grad_()
+        (0.5 * ContrastiveLoss()(inbatch_leaf, labels)).backward()
+        torch.testing.assert_close(stats["grad/inbatch_norm"], inbatch_leaf.grad.norm())
+        if step > 0:
+            feats, mem_labels = memory_before
+            stored = torch.cat([feats, emb]), torch.cat([mem_labels, labels])
+            memory_leaf = emb.clone().requires_grad_()
+            own = torch.arange(len(feats), len(feats) + len(emb))
+            (3.0 * ContrastiveLoss()(memory_leaf, labels, *stored, ref_self_index=own)).backward()
+            torch.testing.assert_close(stats["grad/memory_norm"], memory_leaf.grad.norm())
+            torch.testing.assert_close(stats["grad/memory_over_inbatch"],
+                                       memory_leaf.grad.norm() / inbatch_leaf.grad.norm())
+
+
+def test_logged_gradient_norms_leave_the_training_bit_identical(glyph_root, tmp_path):
+    from xbm.engine.trainer import Trainer
+
+    def train(name, log_norms):
+        cfg = load_cfg("configs/glyphs_xbm.yaml", [
+            "DATA.ROOT", str(glyph_root), "DATA.GLYPHS.MIN_FONTS", "4", "OUTPUT_DIR", str(tmp_path / name),
+            "SOLVER.MAX_ITERS", "6", "SOLVER.LOG_PERIOD", "3", "XBM.START_ITERATION", "1", "XBM.SIZE", "64",
+            "TEST.EVAL_PERIOD", "0", "SOLVER.LOG_GRAD_NORMS", str(log_norms)])
+        trainer = Trainer(cfg)
+        trainer.train()
+        return trainer, (tmp_path / name / "log.txt").read_text()
+
+    measured, log = train("measured", True)
+    plain, plain_log = train("plain", False)
+    for name, tensor in plain.model.state_dict().items():
+        assert torch.equal(measured.model.state_dict()[name], tensor), name
+    assert torch.equal(measured.objective.memory.feats, plain.objective.memory.feats)
+    ratios = re.findall(r"iter (\d+): .*grad/memory_over_inbatch=([0-9.e+-]+)", log)
+    assert [int(i) for i, _ in ratios] == [3, 6] and all(float(r) > 0 for _, r in ratios)
+    assert "grad/" not in plain_log

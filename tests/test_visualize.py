@@ -152,3 +152,24 @@ def test_recall_curves_use_each_runs_last_evaluation(tmp_path, capsys):
     with pytest.raises(SystemExit):
         plot_recall.main(["--runs", str(a), str(b), "--labels", "only-one", "--out", str(tmp_path / "x.png")])
     assert plot_recall.default_labels(["x/run", "y/run"]) == ["x/run", "y/run"]
+
+
+def test_plot_scalars_reads_every_event_file_and_draws_each_tag(tmp_path, capsys):
+    from torch.utils.tensorboard import SummaryWriter
+
+    plot_scalars = load_script("plot_scalars")
+    for name, scale in (("a", 1.0), ("b", 10.0)):
+        for start in (0, 3):  # two event files, as a resumed run leaves them; the later one wins at step 3
+            writer = SummaryWriter(str(tmp_path / name), filename_suffix=f".{start}")
+            for step in range(start, start + 4):
+                writer.add_scalar("grad/memory_over_inbatch", scale * (step + 1) + start, step)
+            writer.close()
+    assert plot_scalars.read_scalars(str(tmp_path / "a"))["grad/memory_over_inbatch"][3] == (3, 7.0)
+    out = tmp_path / "ratio.png"
+    code = plot_scalars.main(["--runs", str(tmp_path / "a"), str(tmp_path / "b"), "--tags",
+                              "grad/memory_over_inbatch", "--log-y", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0 and out.stat().st_size > 0
+    assert "a                    iteration      6: 10" in printed and "b                    iteration      6: 73" in printed
+    assert plot_scalars.main(["--runs", str(tmp_path / "a"), "--tags", "nope", "--out", str(out)]) == 2
+    assert "no run has the tag(s) ['nope']" in capsys.readouterr().err

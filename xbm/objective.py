@@ -80,13 +80,19 @@ class CrossBatchObjective(nn.Module):
         """Whether `forward` at this iteration returns a loss (a step without one has no backward)."""
         return self.inbatch_weight > 0 or (self.memory is not None and self._memory_loss_on(iteration))
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor,
-                iteration: int) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, iteration: int, *,
+                gradient_norms: bool = False) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         """The weighted loss of this step (None when it has none) and its parts: `loss/inbatch`,
-        `loss/memory` and the losses' pair counts `pairs/<term>_<name>` (0-dim tensors)."""
+        `loss/memory` and the losses' pair counts `pairs/<term>_<name>` (0-dim tensors).
+
+        gradient_norms: also the norm of each weighted term's gradient with respect to
+        `embeddings` (`grad/inbatch_norm`, `grad/memory_norm`, and `grad/memory_over_inbatch`
+        with both terms), by one extra backward through the losses; the step is unchanged."""
         stats: dict[str, torch.Tensor] = {}
+        terms: dict[str, torch.Tensor] = {}
         total = None
-        batch_embeddings, batch_labels, own_rows = self._global_batch(embeddings, labels)
+        gathered = self._global_batch(embeddings, labels)
+        batch_embeddings, batch_labels, own_rows = gathered
         if self.inbatch_weight > 0:
             if own_rows is None:
                 loss = self.loss(embeddings, labels, check_values=self.check_values)
@@ -96,23 +102,31 @@ class CrossBatchObjective(nn.Module):
                 loss = self.loss(embeddings, labels, batch_embeddings, batch_labels, ref_self_index=own_rows,
                                  check_values=self.check_values)
             stats.update(self._stats("inbatch", loss))
-            total = self.inbatch_weight * loss
-        if self.memory is None or not self._memory_fills(iteration):
-            return total, stats
+            total = terms["inbatch"] = self.inbatch_weight * loss
+        if self.memory is not None and self._memory_fills(iteration):
+            term = self._memory_term(embeddings, labels, iteration, gathered, stats)
+            if term is not None:
+                terms["memory"] = term
+                total = term if total is None else total + term
+        if gradient_norms and terms:
+            stats.update(_gradient_norms(terms, embeddings))
+        return total, stats
+
+    def _memory_term(self, embeddings, labels, iteration: int, gathered: tuple, stats: dict) -> torch.Tensor | None:
+        """Adapt and enqueue the global batch; from `start_iteration` on, the weighted memory loss."""
+        batch_embeddings, batch_labels, own_rows = gathered
         batch = batch_embeddings.detach()
         if self.adapter is not None and len(self.memory) > 0:
             self.memory.adapt_(self.adapter, batch)  # global-batch moments: every rank adapts alike
         slots = self.memory.enqueue(batch, batch_labels)
         if own_rows is not None:
             slots = slots[own_rows]
-        if self._memory_loss_on(iteration):
-            feats, mem_labels = self.memory.get()
-            loss = self.loss(embeddings, labels, feats, mem_labels, ref_self_index=slots,
-                             check_values=self.check_values)
-            stats.update(self._stats("memory", loss))
-            weighted = self.memory_weight * loss
-            total = weighted if total is None else total + weighted
-        return total, stats
+        if not self._memory_loss_on(iteration):
+            return None
+        feats, mem_labels = self.memory.get()
+        loss = self.loss(embeddings, labels, feats, mem_labels, ref_self_index=slots, check_values=self.check_values)
+        stats.update(self._stats("memory", loss))
+        return self.memory_weight * loss
 
     def _memory_loss_on(self, iteration: int) -> bool:
         return iteration >= self.start_iteration and self.memory_weight > 0
@@ -174,6 +188,17 @@ class CrossBatchObjective(nn.Module):
     def extra_repr(self) -> str:
         return (f"inbatch_weight={self.inbatch_weight}, memory_weight={self.memory_weight}, "
                 f"start_iteration={self.start_iteration}, fill_from={self.fill_from!r}, adapter={self.adapter!r}")
+
+
+def _gradient_norms(terms: dict[str, torch.Tensor], embeddings: torch.Tensor) -> dict[str, torch.Tensor]:
+    """|d term / d embeddings| for each weighted term, and the memory's over the in-batch's."""
+    norms = {}
+    for name, term in terms.items():
+        grad, = torch.autograd.grad(term, embeddings, retain_graph=True)
+        norms[f"grad/{name}_norm"] = grad.norm().detach()
+    if len(norms) == 2:
+        norms["grad/memory_over_inbatch"] = norms["grad/memory_norm"] / norms["grad/inbatch_norm"]
+    return norms
 
 
 def build_objective(cfg, device: torch.device | str = "cpu") -> CrossBatchObjective:

@@ -247,6 +247,11 @@ _C.SOLVER.RESUME = ""
 _C.SOLVER.SEED = 0
 # Log the losses every this many iterations
 _C.SOLVER.LOG_PERIOD = 50
+# On those logging steps, also log the norm of each loss term's gradient with respect to the
+# embeddings (grad/inbatch_norm, grad/memory_norm, grad/memory_over_inbatch): how much the memory
+# term outweighs the in-batch term. Costs one extra backward through the losses (not the network)
+# on logging steps; the training itself is unchanged bit for bit.
+_C.SOLVER.LOG_GRAD_NORMS = False
 
 # ---------------------------------------------------------------------------
 # Speed switches. None changes what is computed beyond floating-point rounding; none has an

@@ -100,7 +100,8 @@ class DriftProbe(HookBase):
 
 class MetricWriter(HookBase):
     """The progress bar, and every SOLVER.LOG_PERIOD iterations (and the last) the step's losses,
-    pair counts, learning rate, AMP and memory figures to tensorboard and the log. The losses are
+    pair counts (SOLVER.LOG_GRAD_NORMS: gradient norms), learning rate, AMP and memory figures to
+    tensorboard and the log. The losses are
     averaged over ranks and the pair counts summed (a collective)."""
 
     def before_train(self) -> None:
@@ -111,7 +112,7 @@ class MetricWriter(HookBase):
     def after_step(self) -> None:
         trainer = self.trainer
         self.progress.update(1)
-        if trainer.iteration % max(1, trainer.cfg.SOLVER.LOG_PERIOD) and trainer.iteration != trainer.max_iters:
+        if not trainer.logs_after(trainer.iteration - 1):
             return
         parts = self._global(trainer.step_outputs) if trainer.world_size > 1 else trainer.step_outputs
         if not trainer.is_main:

@@ -151,7 +151,8 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             embeddings = network(images)
         # Losses and the memory work in float32 whatever the network's precision.
-        total, parts = self.objective(embeddings.float(), labels, self.iteration)
+        total, parts = self.objective(embeddings.float(), labels, self.iteration,
+                                      gradient_norms=self.cfg.SOLVER.LOG_GRAD_NORMS and self.logs_after(self.iteration))
         finite = torch.isfinite(embeddings).all()
         if total is not None:
             finite = finite & torch.isfinite(total)
@@ -187,6 +188,11 @@ class Trainer:
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before",
                                     category=UserWarning)
             self.scheduler.step()
+
+    def logs_after(self, iteration: int) -> bool:
+        """Whether the step at `iteration` is a logging step (SOLVER.LOG_PERIOD, and the last)."""
+        done = iteration + 1
+        return done % max(1, self.cfg.SOLVER.LOG_PERIOD) == 0 or done == self.max_iters
 
     def evaluate(self) -> dict[str, dict]:
         """An evaluation now, with everything that follows one (see hooks.EvalHook)."""
