@@ -12,7 +12,7 @@ asked, and only rank 0 writes files.
 
 The default hooks, in order (Trainer.build_hooks): StopOnSignal, DriftProbe (DRIFT.ENABLE),
 MetricWriter, PeriodicCheckpointer, EvalHook. A new hook is a subclass of HookBase passed to
-`trainer.register_hooks([...])`; the loop does not change.
+`Trainer(cfg, extra_hooks=[...])` (or `trainer.register_hooks([...])`); the loop does not change.
 """
 from __future__ import annotations
 

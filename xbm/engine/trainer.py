@@ -40,7 +40,9 @@ from .solver import build_optimizer, build_plateau, build_scheduler
 class Trainer:
     """Builds a run from its config, trains it with `train()`, and saves and resumes it exactly."""
 
-    def __init__(self, cfg, resume: str | None = None):
+    def __init__(self, cfg, resume: str | None = None, extra_hooks: list | None = None):
+        """`extra_hooks` run after the default ones and, registered before the resume, get their
+        state back from the checkpoint."""
         check_cfg(cfg)
         self.cfg = cfg
         self.device = init_distributed(cfg.MODEL.DEVICE)  # joins torchrun's process group, if any
@@ -75,7 +77,7 @@ class Trainer:
         self.writer = None  # tensorboard, on rank 0 during train()
         self.step_outputs: dict = {}  # the last step's losses and pair counts, for the hooks
         self.hooks: list[default_hooks.HookBase] = []
-        self.register_hooks(self.build_hooks())
+        self.register_hooks(self.build_hooks() + list(extra_hooks or []))
         if self.rank > 0:
             # Same weights everywhere (DDP copies rank 0's), but each rank its own augmentations.
             seed_everything(cfg.SOLVER.SEED + self.rank)
