@@ -198,7 +198,10 @@ class Trainer:
 
     def evaluate(self) -> dict[str, dict]:
         """An evaluation now, with everything that follows one (see hooks.EvalHook)."""
-        return self._hook(default_hooks.EvalHook).evaluate()
+        evaluation = self._hook(default_hooks.EvalHook)
+        if evaluation is None:
+            raise ValueError("this trainer has no EvalHook among its hooks: nothing to evaluate with")
+        return evaluation.evaluate()
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
