@@ -9,9 +9,10 @@
   XBN, averaged loss   the memory re-aligned to each batch's moments: ahead of no memory
 
 Each run trains 1,200 iterations at batch 16 (the configs' 2,000 would take too long on a 2-core
-CPU), two runs at a time with one thread each, so the four take about 3.5 minutes on 2 cores,
-evaluation included. With one thread a run is bit-identical to the seed-0 run of the sweeps in
-BENCHMARKS.md on the same machine ("The contrastive loss's reduction").
+CPU), two runs at a time with one thread each, so the four take about 5 minutes on 2 cores,
+evaluation included (each run spends about 40 s of its 150 embedding the 15,668 test images).
+With one thread a run is bit-identical to the seed-0 run of the sweeps in BENCHMARKS.md on the
+same machine ("The contrastive loss's reduction").
 """
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ from ..utils.env import seed_everything
 from ..utils.logger import setup_logger
 from . import hooks as default_hooks
 from .checkpoint import checkpoint_state, resume_training, rng_states, save_training
-from .nonfinite import NonFiniteGuard, NonFiniteLossError  # noqa: F401 (raised from run_step)
+from .nonfinite import NonFiniteGuard, NonFiniteLossError  # noqa: F401 (re-exported: the guard raises it)
 from .performance import check_runtime, compiled, configure_backends, memory_format
 from .setup import (build_drift_monitor, build_evaluator, build_training_data, build_training_loader, distributed,
                     log_setup)
