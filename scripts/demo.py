@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from xbm.config import load_cfg  # noqa: E402
 from xbm.data.datasets import build_dataset  # noqa: E402
+from xbm.utils.env import threads_per_job  # noqa: E402
 
 AVERAGED = ["LOSS.CONTRASTIVE.REDUCTION", "pairs"]
 RUNS = {
@@ -65,9 +66,8 @@ def main() -> int:
     parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
                         help="overrides for every run, e.g. SOLVER.MAX_ITERS 500")
     args = parser.parse_args()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     jobs = max(1, min(args.jobs, len(args.runs)))
-    threads = max(1, cores // jobs)
+    threads = threads_per_job(jobs)
     print(f"{len(args.runs)} runs of {args.iters} iterations, {jobs} at a time with {threads} thread(s) each; "
           f"each run's console output is in {args.output}/<run>/console.log", flush=True)
 

@@ -75,6 +75,7 @@ from xbm.config import ConfigError, load_cfg  # noqa: E402
 from xbm.config.rules import (  # noqa: E402
     MEMORY_SIZE_KEY as SIZE_KEY, NO_MEMORY, config_differences, is_memory_only, memory_size_overrides,
 )
+from xbm.utils.env import threads_per_job  # noqa: E402
 from xbm.utils.plotting import (  # noqa: E402
     final_metrics, mean_and_std, new_figure, read_metrics, save_figure, spans_decades,
 )
@@ -303,8 +304,7 @@ def child_environment(jobs: int) -> dict[str, str]:
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.setdefault("TQDM_MININTERVAL", "10")  # a progress line every 10 s, not a log full of them
     if jobs > 1:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        threads = str(max(1, cores // jobs))
+        threads = str(threads_per_job(jobs))
         env["OMP_NUM_THREADS"] = threads
         env["MKL_NUM_THREADS"] = threads
     return env

@@ -1,4 +1,5 @@
-"""Seeding and device selection."""
+"""Seeding, device selection, and threads per concurrent run."""
+import os
 import random
 
 import numpy as np
@@ -9,6 +10,13 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def threads_per_job(jobs: int) -> int:
+    """Threads each of `jobs` concurrent runs may use so that together they fill the cores this
+    process may run on (at least 1)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(1, jobs))
 
 
 def resolve_device(name: str) -> torch.device:
