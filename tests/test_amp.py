@@ -50,7 +50,7 @@ def test_a_non_finite_step_is_skipped_and_changes_nothing(glyph_root, tmp_path, 
     cfg = load_cfg("configs/glyphs_axbn.yaml", _opts(glyph_root, tmp_path / "run"))
     trainer = Trainer(cfg)
     batches = _batches(trainer, 5)
-    for images, labels in batches[:3]:
+    for images, labels, _ in batches[:3]:
         trainer.train_step(images, labels)
         trainer.iteration += 1
     before = _state(trainer)

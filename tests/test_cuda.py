@@ -106,8 +106,8 @@ def test_uint8_transfer_and_channels_last_on_the_gpu(glyph_root, tmp_path):
     plain = Trainer(load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, tmp_path / "a")))
     fast = Trainer(load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, tmp_path / "b", "DATA.UINT8_TRANSFER", "True",
                                                               "PERF.CHANNELS_LAST", "True")))
-    images, _ = next(iter(plain.train_loader()))
-    pixels, _ = next(iter(fast.train_loader()))
+    images = next(iter(plain.train_loader()))[0]
+    pixels = next(iter(fast.train_loader()))[0]
     assert pixels.dtype == torch.uint8
     with torch.no_grad():
         expected = plain.model(images.cuda())

@@ -113,7 +113,7 @@ def _record_steps(trainer: Trainer) -> dict:
     record = {"initial": {k: v.clone() for k, v in trainer.model.state_dict().items()}, "steps": []}
     batches = iter(trainer.train_loader())
     for _ in range(STEPS):
-        images, labels = next(batches)
+        images, labels, _ = next(batches)
         parts = trainer.train_step(images, labels)
         trainer.iteration += 1
         record["steps"].append({

@@ -90,8 +90,21 @@ def test_the_old_checkpoint_resumes_to_where_the_old_code_went(run_folder, xbm_l
     assert new["scheduler"]["last_epoch"] == old["scheduler"]["last_epoch"] == 10
     # the run records the config under today's names
     saved = yaml.safe_load(Path("resumed/config.yaml").read_text())
-    assert saved["DRIFT"] == {"ENABLE": True, "INTERVAL": 3, "NUM_SAMPLES": 16} and "DRIFT" not in saved["XBM"]
+    assert {k: saved["DRIFT"][k] for k in ("ENABLE", "INTERVAL", "NUM_SAMPLES")} == {
+        "ENABLE": True, "INTERVAL": 3, "NUM_SAMPLES": 16} and "DRIFT" not in saved["XBM"]
     _assert_metrics_match_the_old_run(json.loads(Path("resumed/metrics.jsonl").read_text().splitlines()[-1]))
+
+
+def test_the_old_checkpoint_resumes_with_the_memory_probe_switched_on(run_folder):
+    """The old memory has no item ids: its entries are of unknown items, not probed, and replaced as
+    the ring turns; the continuation is the old code's (the probe changes nothing)."""
+    trainer = _resume(AT_6, "probed", "DRIFT.MEMORY_PROBE", "True", "DRIFT.MEMORY_INTERVAL", "2")
+    memory, old = trainer.objective.memory, load_checkpoint(str(AT_10))
+    # 4 steps x 8 images into 36 slots: 32 entries of known items, 4 left from the old checkpoint
+    assert int((memory.item_ids == -1).sum()) == 4 and int((memory.item_ids >= 0).sum()) == 32
+    torch.testing.assert_close(memory.feats, old["memory"]["feats"], rtol=0, atol=ATOL)
+    lines = [json.loads(line) for line in Path("probed/drift.jsonl").read_text().splitlines()]
+    assert [line["iteration"] for line in lines if "memory_drift/cosine_stored" in line] == [8, 10]
 
 
 @pytest.mark.slow

@@ -65,9 +65,22 @@ def test_batch_is_the_same_from_any_start_and_any_worker_count(augmented_set):
     from_zero = _batches(augmented_set, start=0, count=5, workers=0)
     torch.manual_seed(99)  # a resumed run's global RNG is not the uninterrupted run's
     resumed = _batches(augmented_set, start=3, count=2, workers=2)
-    for (images, labels), (ref_images, ref_labels) in zip(resumed, from_zero[3:]):
-        assert torch.equal(labels, ref_labels)
+    for (images, labels, ids), (ref_images, ref_labels, ref_ids) in zip(resumed, from_zero[3:]):
+        assert torch.equal(labels, ref_labels) and torch.equal(ids, ref_ids)
         assert torch.equal(images, ref_images)
+
+
+def test_loader_yields_each_items_dataset_index(augmented_set):
+    """The third element is the items' indices in the dataset: the sampler's batch, and each image is
+    that item's image under its sample seed."""
+    sampler = MPerClassBatchSampler(augmented_set.labels, 4, 2, seed=3)
+    expected = [batch for _, batch in zip(range(3), sampler)]
+    items = SeededItems(augmented_set)
+    for number, (images, labels, ids) in enumerate(_batches(augmented_set, start=0, count=3, workers=0)):
+        assert ids.dtype == torch.int64 and ids.tolist() == expected[number]
+        assert labels.tolist() == [int(augmented_set.labels[i]) for i in expected[number]]
+        seeds = sample_seeds(3, number, len(ids))
+        assert torch.equal(images[1], items[(int(ids[1]), seeds[1])][0])
 
 
 def test_training_does_not_consume_the_global_rng(augmented_set):

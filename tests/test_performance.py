@@ -147,7 +147,7 @@ def test_channels_last_and_compile_train_on_the_cpu(glyph_root, tmp_path, torch_
     assert fast.network is not fast.model  # the compiled module, sharing the model's parameters
     # Same initial weights (same seed): the compiled channels_last network computes the same
     # embeddings up to rounding (after a step, Adam's sign-like first update can amplify rounding).
-    images, _ = next(iter(plain.train_loader()))
+    images = next(iter(plain.train_loader()))[0]
     with torch.no_grad():
         expected = plain.network(images)
         got = fast.network(images.contiguous(memory_format=torch.channels_last))

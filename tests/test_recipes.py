@@ -292,7 +292,7 @@ def test_memory_fill_from(glyph_root, tmp_path, fill_from, expected):
     batches = iter(trainer.train_loader())
     sizes, memory_losses = [], []
     for _ in range(5):
-        images, labels = next(batches)
+        images, labels, _ = next(batches)
         parts = trainer.train_step(images, labels)
         trainer.iteration += 1
         sizes.append(len(trainer.objective.memory))

@@ -547,8 +547,8 @@ def _ddp_worker(rank: int, port: int, root: str, folder: str) -> None:
             codes["held"] = exit_info.code
         original_step = Trainer.train_step
 
-        def step_then_signal(self, images, labels):
-            parts = original_step(self, images, labels)
+        def step_then_signal(self, images, labels, *item_ids):
+            parts = original_step(self, images, labels, *item_ids)
             if rank == 1 and self.iteration == 6:  # becomes 7 after this step
                 os.kill(os.getpid(), signal.SIGTERM)
             return parts

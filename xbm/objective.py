@@ -81,9 +81,12 @@ class CrossBatchObjective(nn.Module):
         return self.inbatch_weight > 0 or (self.memory is not None and self._memory_loss_on(iteration))
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, iteration: int, *,
+                item_ids: torch.Tensor | None = None,
                 gradient_norms: bool = False) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         """The weighted loss of this step (None when it has none) and its parts: `loss/inbatch`,
         `loss/memory` and the losses' pair counts `pairs/<term>_<name>` (0-dim tensors).
+
+        item_ids: the rows' dataset indices, kept by a memory that tracks items (else ignored).
 
         gradient_norms: also the norm of each weighted term's gradient with respect to
         `embeddings` (`grad/inbatch_norm`, `grad/memory_norm`, and `grad/memory_over_inbatch`
@@ -104,7 +107,7 @@ class CrossBatchObjective(nn.Module):
             stats.update(self._stats("inbatch", loss))
             total = terms["inbatch"] = self.inbatch_weight * loss
         if self.memory is not None and self._memory_fills(iteration):
-            term = self._memory_term(embeddings, labels, iteration, gathered, stats)
+            term = self._memory_term(embeddings, labels, iteration, gathered, stats, item_ids)
             if term is not None:
                 terms["memory"] = term
                 total = term if total is None else total + term
@@ -112,13 +115,16 @@ class CrossBatchObjective(nn.Module):
             stats.update(_gradient_norms(terms, embeddings))
         return total, stats
 
-    def _memory_term(self, embeddings, labels, iteration: int, gathered: tuple, stats: dict) -> torch.Tensor | None:
+    def _memory_term(self, embeddings, labels, iteration: int, gathered: tuple, stats: dict,
+                     item_ids: torch.Tensor | None) -> torch.Tensor | None:
         """Adapt and enqueue the global batch; from `start_iteration` on, the weighted memory loss."""
         batch_embeddings, batch_labels, own_rows = gathered
         batch = batch_embeddings.detach()
         if self.adapter is not None and len(self.memory) > 0:
             self.memory.adapt_(self.adapter, batch)  # global-batch moments: every rank adapts alike
-        slots = self.memory.enqueue(batch, batch_labels)
+        if item_ids is not None and self.memory.track_items and own_rows is not None:
+            item_ids = all_gather_batch(item_ids.to(embeddings.device))  # the global batch's, in its order
+        slots = self.memory.enqueue(batch, batch_labels, item_ids if self.memory.track_items else None)
         if own_rows is not None:
             slots = slots[own_rows]
         if not self._memory_loss_on(iteration):
@@ -204,10 +210,11 @@ def _gradient_norms(terms: dict[str, torch.Tensor], embeddings: torch.Tensor) ->
 def build_objective(cfg, device: torch.device | str = "cpu") -> CrossBatchObjective:
     """The objective of the config: LOSS.NAME weighted by LOSS.INBATCH_WEIGHT, and with XBM.ENABLE
     the memory (XBM.SIZE x MODEL.HEAD.DIM on `device`), XBM.ADAPT and XBM.WEIGHT from
-    XBM.START_ITERATION on. The loss and the memory skip their own value checks: the trainer folds
-    the finiteness check into its one host synchronisation per step."""
+    XBM.START_ITERATION on (with DRIFT.MEMORY_PROBE the memory tracks its items). The loss and the
+    memory skip their own value checks: the trainer folds the finiteness check into its one host
+    synchronisation per step."""
     loss = build_loss(cfg)
-    memory = build_memory(cfg, device, check_finite=False)
+    memory = build_memory(cfg, device, check_finite=False, track_items=cfg.DRIFT.MEMORY_PROBE)
     adapter = build_adapter(cfg) if memory is not None else None
     return CrossBatchObjective(loss, memory, adapter, inbatch_weight=cfg.LOSS.INBATCH_WEIGHT,
                                memory_weight=cfg.XBM.WEIGHT, start_iteration=cfg.XBM.START_ITERATION,

@@ -41,6 +41,8 @@ def check_cfg(cfg: CfgNode) -> None:
             raise ValueError(f"SOLVER.{key} must be >= 0, got {getattr(cfg.SOLVER, key)}")
     if cfg.SOLVER.SCHEDULER.lower() == "plateau":
         _check_plateau(cfg)
+    if cfg.DRIFT.MEMORY_PROBE:
+        _check_memory_probe(cfg)
     if cfg.TEST.EVAL_PERIOD < 0:
         raise ValueError(f"TEST.EVAL_PERIOD must be >= 0, got {cfg.TEST.EVAL_PERIOD}")
     if any(k < 1 for k in cfg.TEST.RECALL_KS):
@@ -63,6 +65,14 @@ def check_registered_names(cfg: CfgNode) -> None:
     for registry, name in ((DATASET_REGISTRY, cfg.DATA.NAME), (BACKBONE_REGISTRY, cfg.MODEL.BACKBONE.NAME),
                            (LOSS_REGISTRY, cfg.LOSS.NAME), (ADAPTER_REGISTRY, cfg.XBM.ADAPT.NAME)):
         registry.get(name)  # a ValueError naming the key and the registered names
+
+
+def _check_memory_probe(cfg: CfgNode) -> None:
+    """DRIFT.MEMORY_PROBE's counts must be positive (without a memory it is off: a sweep over XBM.SIZE
+    may include 0)."""
+    for key in ("MEMORY_INTERVAL", "MEMORY_SAMPLES"):
+        if getattr(cfg.DRIFT, key) < 1:
+            raise ValueError(f"DRIFT.{key} must be at least 1, got {getattr(cfg.DRIFT, key)}")
 
 
 def _check_plateau(cfg: CfgNode) -> None:

@@ -142,6 +142,17 @@ _C.DRIFT.ENABLE = False
 _C.DRIFT.INTERVAL = 50
 # Training images in the fixed subset
 _C.DRIFT.NUM_SAMPLES = 256
+# The memory's adaptation error (xbm/engine/memory_drift.py): every DRIFT.MEMORY_INTERVAL iterations,
+# re-embed a random sample of the items in the memory with the current network (eval mode, test-time
+# transform, no gradient) and log the mean cosine between each stored entry (as adapted) and its fresh
+# embedding, and between the entry as it was enqueued and the fresh one: how much drift the adaptation
+# removes (memory_drift/* in drift.jsonl and tensorboard). Off without a memory; the memory then also keeps
+# each entry's training-set index and an un-adapted copy (twice its bytes). Training is unchanged.
+_C.DRIFT.MEMORY_PROBE = False
+# Iterations between two measurements of the memory probe
+_C.DRIFT.MEMORY_INTERVAL = 100
+# Memory entries re-embedded per measurement (a fresh random sample each time, seeded by the iteration)
+_C.DRIFT.MEMORY_SAMPLES = 256
 
 # ---------------------------------------------------------------------------
 _C.LOSS = CN()

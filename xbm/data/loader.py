@@ -54,8 +54,9 @@ def seed_rngs(seed: int) -> None:
 
 
 class SeededItems(Dataset):
-    """A view of `dataset` whose items are asked for as (index, seed): item `index`, with its
-    transform run under `seed`. The global RNGs are left as they were."""
+    """A view of `dataset` whose items are asked for as (index, seed): item `index` with its transform
+    run under `seed`, followed by `index` itself (the memory probe re-embeds a stored entry by it). The
+    global RNGs are left as they were."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -65,7 +66,7 @@ class SeededItems(Dataset):
 
     def _seeded_item(self, index: int, seed: int):
         seed_rngs(seed)
-        return self.dataset[index]
+        return (*self.dataset[index], index)
 
     def __getitem__(self, item: tuple[int, int]):
         with preserved_rngs():
@@ -90,7 +91,8 @@ class SeededBatches:
 
 def build_train_loader(dataset: Dataset, sampler: MPerClassBatchSampler, num_workers: int = 0,
                        pin_memory: bool = False, prefetch_factor: int = 2) -> DataLoader:
-    """The endless training loader of `dataset` in `sampler`'s batches, seeded per sample."""
+    """The endless training loader of `dataset` in `sampler`'s batches, seeded per sample: it yields
+    (images, labels, item_ids), item_ids being the items' indices in `dataset` (int64)."""
     # A DataLoader iterator draws its workers' base seed from `generator`, or else from the global
     # RNG; a private generator keeps training from consuming the global stream (the per-sample
     # seeds make the workers' own seeds irrelevant).

@@ -56,6 +56,19 @@ def probe_indices(dataset_size: int, num_samples: int, seed: int = 0) -> np.ndar
     return np.sort(chosen)
 
 
+@torch.no_grad()
+def embed_in_eval_mode(model: torch.nn.Module, batches, device=None) -> torch.Tensor:
+    """Float32 CPU embeddings of an iterable of image batches, with the model in eval mode and no
+    gradient; the model's mode is restored. `device`: where to run (default: the model's)."""
+    device = device or model_device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        return torch.cat([model(batch.to(device, non_blocking=True)).float().cpu() for batch in batches])
+    finally:
+        model.train(was_training)
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
     for tensor in model.parameters():
         return tensor.device
@@ -121,17 +134,9 @@ class DriftMonitor:
             self._cached_batches = kept
 
     # -- measuring ---------------------------------------------------------------------------------
-    @torch.no_grad()
     def embed(self, model: torch.nn.Module) -> torch.Tensor:
         """(num_samples, dim) float32 CPU embeddings of the probe set, in eval mode (mode restored)."""
-        device = self.device or model_device(model)
-        was_training = model.training
-        model.eval()
-        try:
-            chunks = [model(batch.to(device, non_blocking=True)).float().cpu() for batch in self._batches()]
-        finally:
-            model.train(was_training)
-        return torch.cat(chunks)
+        return embed_in_eval_mode(model, self._batches(), self.device)
 
     def measure(self, model: torch.nn.Module, iteration: int) -> dict[str, float] | None:
         """Embed the probe set now; drift against the previous snapshot (None if this is the first)."""

@@ -11,7 +11,7 @@ checkpoint entries and reads it back in `load_state_dict(checkpoint)`; every ran
 asked, and only rank 0 writes files.
 
 The default hooks, in order (Trainer.build_hooks): StopOnSignal, DriftProbe (DRIFT.ENABLE),
-MetricWriter, PeriodicCheckpointer, EvalHook. A new hook is a subclass of HookBase passed to
+MemoryDriftProbe (DRIFT.MEMORY_PROBE), MetricWriter, PeriodicCheckpointer, EvalHook. A new hook is a subclass of HookBase passed to
 `Trainer(cfg, extra_hooks=[...])` (or `trainer.register_hooks([...])`); the loop does not change.
 """
 from __future__ import annotations
@@ -27,8 +27,9 @@ from ..utils.distributed import broadcast_object, sum_over_ranks
 from ..utils.files import write_atomically
 from .checkpoint import save_checkpoint
 from .drift import DriftMonitor
+from .memory_drift import MemoryProbe
 from .run_guard import TrainingStopped, stop_agreed
-from .setup import format_results
+from .setup import build_drift_monitor, build_memory_probe, format_results
 
 
 class HookBase:
@@ -85,10 +86,7 @@ class DriftProbe(HookBase):
         drift = self.monitor.step(trainer.model, trainer.iteration)
         if drift is None:
             return
-        for name, value in drift.items():
-            trainer.writer.add_scalar(name, value, trainer.iteration)
-        with open(os.path.join(trainer.output_dir, "drift.jsonl"), "a") as f:
-            f.write(json.dumps({"iteration": trainer.iteration, **drift}) + "\n")
+        write_drift(trainer, drift)
 
     def state_dict(self) -> dict:
         return {"drift": self.monitor.state_dict()}
@@ -96,6 +94,42 @@ class DriftProbe(HookBase):
     def load_state_dict(self, checkpoint: dict) -> None:
         if checkpoint.get("drift") is not None:
             self.monitor.load_state_dict(checkpoint["drift"])
+
+
+class MemoryDriftProbe(HookBase):
+    """DRIFT.MEMORY_PROBE: every DRIFT.MEMORY_INTERVAL iterations, how far a random sample of the memory's
+    entries is from the current network's embeddings of their images, as stored and as enqueued
+    (xbm/engine/memory_drift.py), in drift.jsonl and tensorboard. Rank 0 only; no state to resume."""
+
+    def __init__(self, probe: MemoryProbe):
+        self.probe = probe
+
+    def after_step(self) -> None:
+        trainer = self.trainer
+        measured = self.probe.step(trainer.model, trainer.objective.memory, trainer.iteration)
+        if measured is not None:
+            write_drift(trainer, measured)
+
+
+def write_drift(trainer, values: dict) -> None:
+    """A measurement to tensorboard and as one line of drift.jsonl (the two drift probes share the file)."""
+    for name, value in values.items():
+        trainer.writer.add_scalar(name, value, trainer.iteration)
+    with open(os.path.join(trainer.output_dir, "drift.jsonl"), "a") as f:
+        f.write(json.dumps({"iteration": trainer.iteration, **values}) + "\n")
+
+
+def probe_hooks(trainer) -> list[HookBase]:
+    """The measuring hooks the config asks for, on rank 0 (DRIFT.ENABLE, and DRIFT.MEMORY_PROBE when
+    there is a memory)."""
+    cfg, hooks = trainer.cfg, []
+    if not trainer.is_main:
+        return hooks
+    if cfg.DRIFT.ENABLE:
+        hooks.append(DriftProbe(build_drift_monitor(cfg, trainer.device)))
+    if cfg.DRIFT.MEMORY_PROBE and trainer.objective.memory is not None:
+        hooks.append(MemoryDriftProbe(build_memory_probe(cfg, trainer.train_set, trainer.device, trainer.world_size)))
+    return hooks
 
 
 class MetricWriter(HookBase):

@@ -8,9 +8,10 @@ from ..data.datasets import build_dataset, dataset_class
 from ..data.loader import build_train_loader
 from ..data.sampler import sampler_class
 from ..data.transforms import build_transforms
-from ..data.validation import split_validation
+from ..data.validation import LabelledSubset, split_validation
 from .drift import DriftMonitor
 from .evaluator import Evaluator
+from .memory_drift import MemoryProbe
 from .performance import evaluation_amp_dtype, memory_format
 
 
@@ -49,6 +50,25 @@ def build_drift_monitor(cfg, device) -> DriftMonitor:
     probe_set = build_dataset(cfg, dataset_class(cfg).TRAIN_SPLIT, build_transforms(cfg, train=False))
     return DriftMonitor(probe_set, num_samples=cfg.DRIFT.NUM_SAMPLES, interval=cfg.DRIFT.INTERVAL,
                         device=device, batch_size=cfg.TEST.BATCH_SIZE)
+
+
+def training_eval_view(cfg, train_set):
+    """The items of `train_set`, index for index (the validation split's removal included), through
+    the test-time transform: what the memory probe re-embeds by the ids the loader yields."""
+    view = build_dataset(cfg, dataset_class(cfg).TRAIN_SPLIT, build_transforms(cfg, train=False))
+    if isinstance(train_set, LabelledSubset):
+        view = LabelledSubset(view, train_set.indices)
+    if len(view) != len(train_set):
+        raise ValueError(f"the test-time view of the training split has {len(view)} items, "
+                         f"the training set {len(train_set)}: DATA.NAME's dataset is not deterministic")
+    return view
+
+
+def build_memory_probe(cfg, train_set, device, world_size: int) -> MemoryProbe:
+    """DRIFT.MEMORY_PROBE's probe: DRIFT.MEMORY_SAMPLES entries every DRIFT.MEMORY_INTERVAL iterations."""
+    return MemoryProbe(training_eval_view(cfg, train_set), num_samples=cfg.DRIFT.MEMORY_SAMPLES,
+                       interval=cfg.DRIFT.MEMORY_INTERVAL, global_batch=cfg.DATA.BATCH_SIZE * world_size,
+                       seed=cfg.SOLVER.SEED, device=device, batch_size=cfg.TEST.BATCH_SIZE)
 
 
 def build_training_loader(cfg, train_set, start_batch: int, rank: int, world_size: int,
@@ -100,7 +120,8 @@ def log_setup(trainer) -> None:
             f"memory loss from iteration {cfg.XBM.START_ITERATION} with weight {cfg.XBM.WEIGHT}; "
             f"filled from {cfg.XBM.FILL_FROM}")
     else:
-        log("cross-batch memory off (in-batch loss only)")
+        log("cross-batch memory off (in-batch loss only)" +
+            ("; DRIFT.MEMORY_PROBE has no memory to probe" if cfg.DRIFT.MEMORY_PROBE else ""))
     if trainer.plateau is not None and cfg.SOLVER.PLATEAU.SPLIT != "val":
         trainer.logger.warning(f"SOLVER.PLATEAU.SPLIT {cfg.SOLVER.PLATEAU.SPLIT}: the learning rate is "
                                "driven by the test set, so every test number of this run is OPTIMISTIC")

@@ -32,8 +32,7 @@ from . import hooks as default_hooks
 from .checkpoint import checkpoint_state, resume_training, rng_states, save_training
 from .nonfinite import NonFiniteGuard, NonFiniteLossError  # noqa: F401 (re-exported: the guard raises it)
 from .performance import check_runtime, compiled, configure_backends, memory_format
-from .setup import (build_drift_monitor, build_evaluator, build_training_data, build_training_loader, distributed,
-                    log_setup)
+from .setup import build_evaluator, build_training_data, build_training_loader, distributed, log_setup
 from .solver import build_optimizer, build_plateau, build_scheduler
 
 
@@ -92,9 +91,7 @@ class Trainer:
     # ------------------------------------------------------------------ hooks
     def build_hooks(self) -> list[default_hooks.HookBase]:
         """The default hooks, in the order they run (see xbm/engine/hooks.py)."""
-        drift = [default_hooks.DriftProbe(build_drift_monitor(self.cfg, self.device))] \
-            if self.cfg.DRIFT.ENABLE and self.is_main else []
-        return [default_hooks.StopOnSignal(), *drift, default_hooks.MetricWriter(),
+        return [default_hooks.StopOnSignal(), *default_hooks.probe_hooks(self), default_hooks.MetricWriter(),
                 default_hooks.PeriodicCheckpointer(), default_hooks.EvalHook()]
 
     def register_hooks(self, hooks: list[default_hooks.HookBase]) -> None:
@@ -139,11 +136,12 @@ class Trainer:
 
     def run_step(self) -> None:
         """One iteration: the next batch, `train_step`, and the iteration counter."""
-        images, labels = next(self._batches)
-        self.step_outputs = self.train_step(images, labels)
+        images, labels, item_ids = next(self._batches)
+        self.step_outputs = self.train_step(images, labels, item_ids)
         self.iteration += 1
 
-    def train_step(self, images, labels) -> dict:
+    def train_step(self, images, labels, item_ids=None) -> dict:
+        """One step on this batch; `item_ids` (the loader's dataset indices) feed DRIFT.MEMORY_PROBE."""
         images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         labels = labels.to(self.device, non_blocking=True)
         has_loss = self.objective.has_loss(self.iteration)
@@ -153,7 +151,7 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             embeddings = network(images)
         # Losses and the memory work in float32 whatever the network's precision.
-        total, parts = self.objective(embeddings.float(), labels, self.iteration,
+        total, parts = self.objective(embeddings.float(), labels, self.iteration, item_ids=item_ids,
                                       gradient_norms=self.cfg.SOLVER.LOG_GRAD_NORMS and self.logs_after(self.iteration))
         finite = torch.isfinite(embeddings).all()
         if total is not None:

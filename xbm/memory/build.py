@@ -26,8 +26,10 @@ def no_adaptation(cfg: CfgNode) -> None:
     return None
 
 
-def build_memory(cfg: CfgNode, device: torch.device | str = "cpu", check_finite: bool = True) -> CrossBatchMemory | None:
+def build_memory(cfg: CfgNode, device: torch.device | str = "cpu", check_finite: bool = True,
+                 track_items: bool = False) -> CrossBatchMemory | None:
     """A CrossBatchMemory of XBM.SIZE x MODEL.HEAD.DIM in XBM.DTYPE, or None if XBM.ENABLE is off.
+    track_items: keep each entry's item id and un-adapted copy (DRIFT.MEMORY_PROBE re-embeds them).
 
     check_finite=False for a caller that checks the embeddings itself (the trainer folds that check
     into its one host synchronisation per step)."""
@@ -38,7 +40,7 @@ def build_memory(cfg: CfgNode, device: torch.device | str = "cpu", check_finite:
         raise ValueError(f"XBM.DTYPE must be one of {sorted(_DTYPES)}, got {cfg.XBM.DTYPE!r}")
     return CrossBatchMemory(
         size=int(cfg.XBM.SIZE), dim=int(cfg.MODEL.HEAD.DIM), device=device, dtype=_DTYPES[dtype_name],
-        check_finite=check_finite,
+        check_finite=check_finite, track_items=track_items,
     )
 
 

@@ -14,6 +14,11 @@ Adapter = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _OLD_COUNTER_KEYS = ("pointer", "filled")
 
 
+# The buffers of `track_items`: each slot's item id (-1: unknown) and its embedding as enqueued.
+_ITEM_KEYS = ("item_ids", "enqueued_feats")
+UNKNOWN_ITEM = -1
+
+
 class UndoPoint(NamedTuple):
     """What one training step may overwrite: the ring counters and the rows it will touch."""
 
@@ -23,6 +28,7 @@ class UndoPoint(NamedTuple):
     feats: torch.Tensor  # their rows, or the whole buffer when the step also adapts the memory
     labels: torch.Tensor
     whole: bool
+    items: tuple[torch.Tensor, torch.Tensor] | None = None  # the slots' item ids and enqueued rows
 
 
 class CrossBatchMemory(nn.Module):
@@ -42,6 +48,11 @@ class CrossBatchMemory(nn.Module):
         dtype: floating storage type; float16/bfloat16 halve the bytes.
         check_finite: reject batches with NaN/Inf (costs one host-device sync per
             enqueue on CUDA; set False to skip the check).
+        track_items: also keep, per slot, the id of the item it holds (its index in the
+            training set, -1 when unknown) and its embedding as enqueued, which adaptation
+            never rewrites (buffers ``item_ids`` and ``enqueued_feats``): what a diagnostic
+            needs to re-embed stored items and tell drift from adaptation (DRIFT.MEMORY_PROBE).
+            Doubles the memory's bytes.
     """
 
     feats: torch.Tensor
@@ -54,6 +65,7 @@ class CrossBatchMemory(nn.Module):
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         check_finite: bool = True,
+        track_items: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
@@ -67,6 +79,10 @@ class CrossBatchMemory(nn.Module):
         self.check_finite = check_finite
         self.register_buffer("feats", torch.zeros(size, dim, dtype=dtype, device=device))
         self.register_buffer("labels", torch.zeros(size, dtype=torch.int64, device=device))
+        self.track_items = bool(track_items)
+        if self.track_items:
+            self.register_buffer("item_ids", torch.full((size,), UNKNOWN_ITEM, dtype=torch.int64, device=device))
+            self.register_buffer("enqueued_feats", torch.zeros(size, dim, dtype=dtype, device=device))
         self._pointer = 0  # next slot to write
         self._filled = 0  # number of valid slots
         # Public since torch 2.5 (pytorch PR #131690); requirements ask for 2.6.
@@ -91,8 +107,19 @@ class CrossBatchMemory(nn.Module):
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the two buffers: size * dim * itemsize + size * 8."""
-        return self.feats.numel() * self.feats.element_size() + self.labels.numel() * 8
+        """Bytes held by the buffers: size * dim * itemsize + size * 8, twice with track_items."""
+        one = self.feats.numel() * self.feats.element_size() + self.labels.numel() * 8
+        return 2 * one if self.track_items else one
+
+    def newest_slots(self, count: int) -> torch.Tensor:
+        """The slots of the `count` most recently enqueued rows (at most the fill), oldest first."""
+        count = min(count, self._filled)
+        return (torch.arange(self._pointer - count, self._pointer, device=self.feats.device) % self.size)
+
+    def slot_ages(self) -> torch.Tensor:
+        """Per slot, the rows enqueued after it (0 for the newest row); meaningful for valid slots."""
+        slots = torch.arange(self.size, device=self.feats.device)
+        return (self._pointer - 1 - slots) % self.size
 
     def get(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The valid entries in slot order, as views (no copy), in the storage dtype."""
@@ -106,18 +133,25 @@ class CrossBatchMemory(nn.Module):
         """Forget every entry (buffers are kept, not reallocated)."""
         self.feats.zero_()
         self.labels.zero_()
+        if self.track_items:
+            self.item_ids.fill_(UNKNOWN_ITEM)
+            self.enqueued_feats.zero_()
         self._pointer = 0
         self._filled = 0
 
     @torch.no_grad()
-    def enqueue(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def enqueue(self, embeddings: torch.Tensor, labels: torch.Tensor,
+                item_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Write a batch over the oldest slots; return the slot indices written (int64).
 
         The stored rows are a detached copy cast to the storage dtype. Row ``k`` of
         the batch lands in slot ``indices[k]``, which lets a loss skip the pair of an
-        anchor with its own stored copy.
+        anchor with its own stored copy. With ``track_items`` the rows' ``item_ids``
+        (None: unknown) and a second copy of the rows are kept too.
         """
         self._check_batch(embeddings, labels)
+        if self.track_items:
+            self._enqueue_items(embeddings, item_ids)
         batch = embeddings.shape[0]
         start = self._pointer
         end = start + batch
@@ -141,6 +175,17 @@ class CrossBatchMemory(nn.Module):
         self._filled = min(self.size, self._filled + batch)
         return indices
 
+    def _enqueue_items(self, embeddings: torch.Tensor, item_ids: torch.Tensor | None) -> None:
+        """The item ids and the un-adapted copy of a batch, at the slots `enqueue` is about to write."""
+        if item_ids is None:
+            item_ids = torch.full((embeddings.shape[0],), UNKNOWN_ITEM, dtype=torch.int64)
+        if not isinstance(item_ids, torch.Tensor) or item_ids.shape != (embeddings.shape[0],):
+            got = tuple(item_ids.shape) if isinstance(item_ids, torch.Tensor) else type(item_ids).__name__
+            raise ValueError(f"item_ids must be a 1-D tensor of one id per row ({embeddings.shape[0]}), got {got}")
+        slots = (torch.arange(embeddings.shape[0], device=self.feats.device) + self._pointer) % self.size
+        self.item_ids[slots] = item_ids.to(self.item_ids.device, torch.int64)
+        self.enqueued_feats[slots] = embeddings.to(self.enqueued_feats.device, self.enqueued_feats.dtype)
+
     @torch.no_grad()
     def undo_point(self, batch_size: int, adapting: bool) -> UndoPoint:
         """A copy of what the next `adapt_` (if `adapting`) and `enqueue` of `batch_size` rows
@@ -149,7 +194,8 @@ class CrossBatchMemory(nn.Module):
         the whole feature buffer when an adaptation rewrites every entry."""
         slots = (torch.arange(batch_size, device=self.feats.device) + self._pointer) % self.size
         feats = self.feats.clone() if adapting else self.feats[slots]
-        return UndoPoint(self._pointer, self._filled, slots, feats, self.labels[slots], adapting)
+        items = (self.item_ids[slots], self.enqueued_feats[slots]) if self.track_items else None
+        return UndoPoint(self._pointer, self._filled, slots, feats, self.labels[slots], adapting, items)
 
     @torch.no_grad()
     def restore_(self, point: UndoPoint) -> None:
@@ -159,6 +205,8 @@ class CrossBatchMemory(nn.Module):
         else:
             self.feats[point.slots] = point.feats
         self.labels[point.slots] = point.labels
+        if self.track_items and point.items is not None:
+            self.item_ids[point.slots], self.enqueued_feats[point.slots] = point.items
         self._pointer, self._filled = point.pointer, point.filled
 
     @torch.no_grad()
@@ -247,14 +295,33 @@ class CrossBatchMemory(nn.Module):
             )
 
     def extra_repr(self) -> str:
-        return f"size={self.size}, dim={self.dim}, dtype={self.feats.dtype}, filled={self._filled}"
+        tracked = ", track_items=True" if self.track_items else ""
+        return f"size={self.size}, dim={self.dim}, dtype={self.feats.dtype}, filled={self._filled}{tracked}"
 
 
 def _check_and_upgrade_state(module: CrossBatchMemory, state_dict: dict, prefix: str, local_metadata: dict,
                              strict: bool, missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
-    """load_state_dict pre-hook: the friendly mismatch error, and the old layout read as the new one."""
+    """load_state_dict pre-hook: the friendly mismatch error, the old layout read as the new one, and
+    the item buffers reconciled with `track_items`."""
     module._check_compatible(state_dict, prefix)
     _upgrade_old_layout(state_dict, prefix, missing_keys)
+    _reconcile_item_buffers(module, state_dict, prefix)
+
+
+def _reconcile_item_buffers(module: CrossBatchMemory, state_dict: dict, prefix: str) -> None:
+    """A memory saved without item tracking loads into one with it (ids unknown, the stored rows taken
+    as enqueued: those entries are simply not probed), and a tracked one into an untracked memory (the
+    item buffers are dropped): DRIFT.MEMORY_PROBE may change when a run resumes."""
+    keys = [prefix + key for key in _ITEM_KEYS]
+    if not module.track_items:
+        for key in keys:
+            state_dict.pop(key, None)
+        return
+    feats = state_dict.get(prefix + "feats")
+    if feats is None or any(key in state_dict for key in keys):
+        return  # a partial set is reported missing by load_state_dict
+    state_dict[keys[0]] = torch.full((feats.shape[0],), UNKNOWN_ITEM, dtype=torch.int64)
+    state_dict[keys[1]] = feats.clone()
 
 
 def _upgrade_old_layout(state_dict: dict, prefix: str, missing_keys: list) -> None:
