@@ -297,7 +297,7 @@ def test_build_adapter():
     assert (axbn.q, axbn.p0, axbn.r, axbn.interval) == (0.5, 2.0, 0.3, 100)
     ema = build_adapter(_adapt_cfg("ema", EMA_MOMENTUM=0.25))
     assert isinstance(ema, EMAMomentMatching) and ema.momentum == 0.25
-    with pytest.raises(ValueError, match=r"\['none', 'xbn', 'axbn', 'ema'\]"):
+    with pytest.raises(ValueError, match=r"\['none', 'xbn', 'axbn', 'ema', 'xbn_age', 'xbn_full'\]"):
         build_adapter(_adapt_cfg("batchnorm"))
 
 
@@ -312,3 +312,23 @@ def test_adapted_moments_match_target():
     ratio = memory.std(0) / (memory.std(0) + 1e-5)
     assert torch.allclose(out.std(0), batch.std(0) * ratio, rtol=1e-10)
     assert not math.isnan(float(out.sum()))
+
+
+@pytest.mark.parametrize("interval", [1, 3])
+@pytest.mark.parametrize("target", [0.99, 0.9, 0.5, 0.1])
+def test_kalman_gain_settles_where_the_closed_form_says(target, interval):
+    """kalman_r_for_gain's r, run through the filter itself: its gain converges to the target."""
+    from xbm.memory import kalman_r_for_gain, kalman_steady_gain
+
+    r = kalman_r_for_gain(target, q=1.0, batch_size=16)
+    assert kalman_steady_gain(1.0, r, 16) == pytest.approx(target, rel=1e-12)
+    adapter = KalmanMomentMatching(q=1.0, p0=1.0, r=r, interval=interval)
+    memory, batch = torch.randn(32, 4), torch.randn(16, 4)
+    gains = []
+    for _ in range(300):
+        adapter(memory, batch)
+        gains.append(adapter.gain)
+    assert gains[-1] == pytest.approx(target, rel=1e-6)
+    assert gains[1] == pytest.approx(2.0 / (2.0 + r / 16))  # the first update: p- = p0 + q = 2
+    with pytest.raises(ValueError, match="gain"):
+        kalman_r_for_gain(0.0, 1.0, 16)

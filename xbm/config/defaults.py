@@ -114,7 +114,8 @@ _C.XBM.DTYPE = "float32"
 _C.XBM.FILL_FROM = "iteration_0"
 
 _C.XBM.ADAPT = CN()
-# Memory adaptation before each step: none (XBM) | xbn (moment matching) | axbn (Kalman) | ema, or any
+# Memory adaptation before each step: none (XBM) | xbn (moment matching) | axbn (Kalman) | ema |
+# xbn_full (mean and full covariance) | xbn_age (moment matching per age cohort), or any
 # name registered in xbm.memory.ADAPTER_REGISTRY (README, Extending xbm)
 _C.XBM.ADAPT.NAME = "none"
 # Added to the memory's std before dividing (moment matching)
@@ -125,12 +126,25 @@ _C.XBM.ADAPT.RENORMALIZE = False
 _C.XBM.ADAPT.KALMAN_Q = 1.0
 # AXBN: initial state covariance p0
 _C.XBM.ADAPT.KALMAN_P0 = 1.0
-# AXBN: measurement noise r (divided by the batch size)
+# AXBN: measurement noise r (divided by the batch size). The gain settles to K with
+# r = batch * q * (1 - K) / K^2 (xbm.memory.kalman_r_for_gain): with q = 1 and batch 16, r = 0.01 gives
+# K = 0.9994 (AXBN = XBN), 0.163 gives 0.99, 1.98 gives 0.9, 32 gives 0.5, 1440 gives 0.1
 _C.XBM.ADAPT.KALMAN_R = 0.01
 # AXBN: the Kalman gain and covariance are updated every this many steps (paper: 100 SOP, 10 DF2)
 _C.XBM.ADAPT.KALMAN_INTERVAL = 1
 # EMA adaptation: momentum of the running moments (0 = XBN)
 _C.XBM.ADAPT.EMA_MOMENTUM = 0.1
+# xbn_full (xbm/memory/covariance_matching.py): share of the running target covariance kept at each
+# step (the rest is the batch's covariance, rank-deficient on its own when the batch is smaller than
+# the embedding)
+_C.XBM.ADAPT.COVARIANCE_MOMENTUM = 0.9
+# xbn_full: weight of its own diagonal in the target covariance (1 = per-dimension only)
+_C.XBM.ADAPT.COVARIANCE_SHRINKAGE = 0.1
+# xbn_full: ridge added to the memory covariance's eigenvalues before its inverse square root, as a
+# fraction of their mean
+_C.XBM.ADAPT.COVARIANCE_RIDGE = 0.01
+# xbn_age (xbm/memory/cohort_matching.py): age cohorts of the memory, each moment-matched on its own
+_C.XBM.ADAPT.AGE_GROUPS = 4
 
 # ---------------------------------------------------------------------------
 # Feature drift (the XBM paper's "slow drift"), measured with or without a memory. Called XBM.DRIFT

@@ -159,6 +159,9 @@ class MetricWriter(HookBase):
         memory = trainer.objective.memory
         if memory is not None:
             values["memory/fill"] = len(memory) / memory.size
+        gain = getattr(trainer.objective.adapter, "gain", None)  # AXBN's Kalman gain
+        if gain is not None:
+            values["memory/kalman_gain"] = gain
         for name, value in values.items():
             trainer.writer.add_scalar(name, value, trainer.iteration)
         if "loss/total" in values:

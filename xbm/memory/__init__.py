@@ -1,7 +1,10 @@
 """Cross-batch memory (XBM) and memory adaptation (XBN, AXBN, EMA)."""
 
-from .adaptation import EMAMomentMatching, KalmanMomentMatching, MomentMatching, moment_match
+from .adaptation import (EMAMomentMatching, KalmanMomentMatching, MomentMatching, kalman_r_for_gain,
+                         kalman_steady_gain, moment_match)
 from .build import ADAPTER_REGISTRY, build_adapter, build_memory
+from .cohort_matching import CohortMomentMatching
+from .covariance_matching import CovarianceMatching
 from .cross_batch_memory import CrossBatchMemory
 
 __all__ = [
@@ -10,6 +13,10 @@ __all__ = [
     "MomentMatching",
     "KalmanMomentMatching",
     "EMAMomentMatching",
+    "CovarianceMatching",
+    "CohortMomentMatching",
+    "kalman_steady_gain",
+    "kalman_r_for_gain",
     "build_memory",
     "build_adapter",
     "ADAPTER_REGISTRY",

@@ -15,6 +15,7 @@ step of the adapter's filter.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -290,6 +291,23 @@ class KalmanMomentMatching(_FilteredMomentAdapter):
 
     def extra_repr(self) -> str:
         return f"q={self.q}, p0={self.p0}, r={self.r}, interval={self.interval}, " + super().extra_repr()
+
+
+def kalman_steady_gain(q: float, r: float, batch_size: int) -> float:
+    """The gain KalmanMomentMatching settles to (after a few calls, whatever p0 and the interval): the
+    fixed point of p- = p + q, K = p- / (p- + R), p = (1 - K) p-, with R = r / batch_size, is the
+    positive root p- = (q + sqrt(q^2 + 4 q R)) / 2 of p-^2 - q p- - q R = 0."""
+    noise = r / batch_size
+    prior = (q + math.sqrt(q * q + 4.0 * q * noise)) / 2.0
+    return prior / (prior + noise)
+
+
+def kalman_r_for_gain(gain: float, q: float, batch_size: int) -> float:
+    """XBM.ADAPT.KALMAN_R whose steady gain is `gain` (0 < gain <= 1): the inverse of
+    `kalman_steady_gain`, R = q (1 - K) / K^2 and r = R * batch_size."""
+    if not 0 < gain <= 1:
+        raise ValueError(f"a Kalman gain is in (0, 1], got {gain!r}")
+    return batch_size * q * (1.0 - gain) / (gain * gain)
 
 
 class EMAMomentMatching(_FilteredMomentAdapter):

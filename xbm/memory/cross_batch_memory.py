@@ -222,11 +222,13 @@ class CrossBatchMemory(nn.Module):
             return
         valid, _ = self.get()
         batch_feats = batch_feats.detach()
+        # An adapter that treats entries by age (xbn_age) is given each valid row's age.
+        ages = {"ages": self.slot_ages()[: self._filled]} if getattr(adapter, "uses_slot_ages", False) else {}
         in_place = getattr(adapter, "apply_", None)
         if in_place is not None:
-            in_place(valid, batch_feats)
+            in_place(valid, batch_feats, **ages)
         else:
-            valid.copy_(adapter(valid, batch_feats))
+            valid.copy_(adapter(valid, batch_feats, **ages))
 
     def _check_batch(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
         if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2:
