@@ -34,6 +34,16 @@ def test_bench_memory_loss_quick_checks_gradients_and_prints_both_losses():
         assert float(difference) < 1e-5
 
 
+def test_bench_adapters_quick_times_every_adapter_against_the_xbm_step():
+    out = run_benchmark("bench_adapters.py", "--quick", "--repeats", "1", "--threads", "1")
+    (row,) = re.findall(r"^\| 64 \| 8,192 \| 128 \| (.*) \|$", out, re.M)
+    cells = [float(c) for c in row.split(" | ")]
+    times, ratios = cells[:5], cells[5:]  # xbm step, xbn, axbn, xbn_full, xbn_age; then each / xbm step
+    assert len(ratios) == 4 and all(t > 0 for t in times)
+    # the ratios are of the unrounded times: equal to those of the printed ones up to the rounding
+    assert ratios == pytest.approx([t / times[0] for t in times[1:]], rel=0.1, abs=0.02)
+
+
 @pytest.mark.slow
 @pytest.mark.heavy
 def test_bench_eval_quick_every_method_gets_the_same_metrics():

@@ -85,10 +85,12 @@ class CovarianceMatching:
     def map(self, memory_feats: torch.Tensor, batch_feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, shift) with adapted = memory @ A.T + shift; one step of the target's filter."""
         _check_pair(memory_feats, batch_feats)
-        # float64 for the D x D algebra: the eigenvalues span several orders of magnitude.
-        dtype = torch.promote_types(_stats_dtype(memory_feats.dtype), torch.float64)
-        memory_mean, memory_covariance = mean_and_covariance(memory_feats, dtype)
-        batch_mean, batch_covariance = mean_and_covariance(batch_feats.detach().to(memory_feats.device), dtype)
+        # The M x D passes in float32 (float64 stays float64); the D x D algebra in float64, where the
+        # eigenvalues span several orders of magnitude.
+        dtype = _stats_dtype(memory_feats.dtype)
+        memory_mean, memory_covariance = (t.double() for t in mean_and_covariance(memory_feats, dtype))
+        batch_mean, batch_covariance = (t.double() for t in mean_and_covariance(
+            batch_feats.detach().to(memory_feats.device), dtype))
         target = self._target_covariance(batch_covariance)
         self.calls += 1
         transform = _symmetric_power(target, 0.5) @ _symmetric_power(memory_covariance, -0.5, self.ridge)
