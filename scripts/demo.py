@@ -8,11 +8,12 @@
   XBM, averaged loss   the same loss averaged over active pairs: XBM no longer collapses
   XBN, averaged loss   the memory re-aligned to each batch's moments: ahead of no memory
 
-Each run trains 1,200 iterations at batch 16 (the configs' 2,000 would take too long on a 2-core
-CPU), two runs at a time with one thread each, so the four take about 5 minutes on 2 cores,
-evaluation included (each run spends about 40 s of its 150 embedding the 15,668 test images).
-With one thread a run is bit-identical to the seed-0 run of the sweeps in BENCHMARKS.md on the
-same machine ("The contrastive loss's reduction").
+Each run trains 600 iterations at batch 16 (the configs' 2,000, or the sweeps' 1,200, would keep
+`make demo` past 6 minutes on a 2-core CPU), two runs at a time with one thread each, so the four
+take about 3.5 minutes on 2 cores, evaluation included (each run spends about 40 s of its ~100
+embedding the 15,668 test images). The story holds at this length over 3 seeds (BENCHMARKS.md, "The
+demo's length"), and with one thread a run is bit-identical to that section's seed-0 run on the
+same machine.
 """
 from __future__ import annotations
 
@@ -60,7 +61,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", nargs="+", default=DEFAULT_RUNS, choices=list(RUNS))
     parser.add_argument("--output", default="output/demo", help="one sub-folder per run")
-    parser.add_argument("--iters", type=int, default=1200, help="SOLVER.MAX_ITERS of every run")
+    parser.add_argument("--iters", type=int, default=600,
+                        help="SOLVER.MAX_ITERS of every run (1200: the sweeps of BENCHMARKS.md)")
     parser.add_argument("--jobs", type=int, default=2,
                         help="runs at a time, each with cores / jobs threads (a run's numbers depend on its threads)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
