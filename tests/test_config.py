@@ -176,3 +176,16 @@ def test_saved_config_of_an_old_checkpoint_is_read_as_today_and_resume_ignores_t
     changed = load_cfg(base_yaml=yaml.safe_dump(saved), opts=["DRIFT.NUM_SAMPLES", "16", "XBM.SIZE", "8192"])
     assert config_differences(saved, yaml.safe_load(changed.dump())) == [
         "DRIFT.NUM_SAMPLES: 64 -> 16", "XBM.SIZE: 4096 -> 8192"]
+
+
+def test_a_key_added_since_the_checkpoint_counts_as_its_default_at_resume():
+    """An older checkpoint's config lacks the keys added since (here XBM.ADAPT.AGE_GROUPS): resuming it
+    with their defaults is no change, with another value the change is reported against the default."""
+    from xbm.config.rules import config_differences
+
+    saved = yaml.safe_load(get_cfg().dump())
+    del saved["XBM"]["ADAPT"]["AGE_GROUPS"]
+    del saved["XBM"]["ADAPT"]["COVARIANCE_MOMENTUM"]
+    assert config_differences(saved, yaml.safe_load(get_cfg().dump())) == []
+    changed = load_cfg(opts=["XBM.ADAPT.AGE_GROUPS", "8"])
+    assert config_differences(saved, yaml.safe_load(changed.dump())) == ["XBM.ADAPT.AGE_GROUPS: 4 -> 8"]

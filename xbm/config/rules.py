@@ -3,7 +3,10 @@ change, which matter only with a memory, the special values of XBM.SIZE, and the
 older versions (old config files and checkpoints keep loading)."""
 from __future__ import annotations
 
+import yaml
 from yacs.config import CfgNode
+
+from .defaults import get_cfg
 
 # Keys that may change between a checkpoint and the run that resumes it: they change how long or
 # where a run goes, not what it computes.
@@ -111,9 +114,21 @@ def _subtree(data: dict, path: list[str], create: bool = False):
 
 def config_differences(saved: dict, current: dict) -> list[str]:
     """'KEY: saved -> current' for every leaf that differs, ignoring RESUMABLE_CHANGES and the renamed
-    sections (a checkpoint of an earlier version saved XBM.DRIFT, read as DRIFT)."""
+    sections (a checkpoint of an earlier version saved XBM.DRIFT, read as DRIFT). A key the saved
+    config lacks was added since the checkpoint was written: the run had its default's behaviour (a
+    new key's default keeps the old behaviour), so it counts as the default."""
     saved, current = _renamed_copy(saved), _renamed_copy(current)
+    _fill_missing(saved, yaml.safe_load(get_cfg().dump()))
     return _leaf_differences(saved, current, "")
+
+
+def _fill_missing(saved: dict, defaults: dict) -> None:
+    """Give `saved` every leaf of `defaults` it lacks (in place)."""
+    for key, value in defaults.items():
+        if key not in saved:
+            saved[key] = _deep_copy(value)
+        elif isinstance(value, dict) and isinstance(saved[key], dict):
+            _fill_missing(saved[key], value)
 
 
 def _renamed_copy(data: dict) -> dict:
