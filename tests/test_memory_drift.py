@@ -170,9 +170,11 @@ def _train(glyph_root, tmp_path, name, *opts):
 
 
 def test_probe_leaves_the_training_bit_identical_and_logs_each_interval(glyph_root, tmp_path):
+    """With a validation split, so that the ids index the training subset (not the whole split)."""
+    split = ("DATA.VAL_FRACTION", "0.25")
     probed = _train(glyph_root, tmp_path, "probed", "DRIFT.MEMORY_PROBE", "True", "DRIFT.MEMORY_INTERVAL", "5",
-                    "DRIFT.MEMORY_SAMPLES", "32")
-    plain = _train(glyph_root, tmp_path, "plain")
+                    "DRIFT.MEMORY_SAMPLES", "32", *split)
+    plain = _train(glyph_root, tmp_path, "plain", *split)
     for name, tensor in plain.model.state_dict().items():
         assert torch.equal(probed.model.state_dict()[name], tensor), name
     assert torch.equal(probed.objective.memory.feats, plain.objective.memory.feats)
@@ -181,24 +183,23 @@ def test_probe_leaves_the_training_bit_identical_and_logs_each_interval(glyph_ro
     for line in lines:
         assert all(-1 <= line[key] <= 1 for key in (STORED_KEY, ENQUEUED_KEY, NEWEST_KEY))
         assert line[SAMPLED_KEY] == 32 and 0 <= line[AGE_KEY] < 64 / 16
+        assert line[STORED_KEY] != line[ENQUEUED_KEY]  # XBN rewrote the stored entries
     memory = probed.objective.memory
     ids = memory.item_ids[:len(memory)]
     assert (ids >= 0).all() and int(ids.max()) < len(probed.train_set)
-    # every stored label is its item's label in the training set
+    # every stored label is its item's label in the training subset
     assert memory.labels[:len(memory)].tolist() == [int(probed.train_set.labels[i]) for i in ids.tolist()]
     assert not (tmp_path / "plain" / "drift.jsonl").exists()
 
 
-def test_plain_xbm_has_nothing_to_remove(glyph_root, tmp_path):
+def test_plain_xbm_has_nothing_to_remove():
     """Without an adapter the stored entry is the enqueued one: the two cosines are the same number."""
-    trainer = _train(glyph_root, tmp_path, "xbm", "XBM.ADAPT.NAME", "none", "DRIFT.MEMORY_PROBE", "True",
-                     "DRIFT.MEMORY_INTERVAL", "6", "DATA.VAL_FRACTION", "0.25")
-    line = json.loads((tmp_path / "xbm" / "drift.jsonl").read_text().splitlines()[-1])
-    assert line[STORED_KEY] == line[ENQUEUED_KEY] and not math.isnan(line[STORED_KEY])
-    # with a validation split the ids index the training subset, whose labels the memory holds
-    memory = trainer.objective.memory
-    ids = memory.item_ids[:len(memory)].tolist()
-    assert memory.labels[:len(memory)].tolist() == [int(trainer.train_set.labels[i]) for i in ids]
+    memory = _tracked_memory(8)
+    for ids in ([0, 1], [2, 3], [4, 5]):
+        memory.enqueue(torch.randn(2, DIM), torch.zeros(2, dtype=torch.int64), torch.tensor(ids))
+    model = TableModel(torch.randn(20, DIM))
+    measured = MemoryProbe(IndexImages(), num_samples=4, interval=1, global_batch=2).measure(model, memory, 3)
+    assert measured[STORED_KEY] == measured[ENQUEUED_KEY] and not math.isnan(measured[STORED_KEY])
 
 
 def test_memory_probe_config_is_checked():
