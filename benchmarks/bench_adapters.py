@@ -14,7 +14,6 @@ Usage: python benchmarks/bench_adapters.py [--threads 2] [--repeats 7] [--quick]
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -24,8 +23,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_memory_loss import (Workload, load_average, make_loss, ours_memory, step_adapt_only,  # noqa: E402
-                               step_ours, time_round_robin)
+from bench_memory_loss import (Workload, load_average, make_loss, ours_memory, parse_timing_args,  # noqa: E402
+                               step_adapt_only, step_ours, time_round_robin)
 from xbm.memory import CohortMomentMatching, CovarianceMatching, KalmanMomentMatching, MomentMatching  # noqa: E402
 
 # SOP: 59,551 training images, the XBN paper's 512-d embeddings and our 128-d heads.
@@ -46,17 +45,7 @@ def run_config(batch: int, size: int, dim: int, repeats: int, device: torch.devi
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (CPU)")
-    parser.add_argument("--repeats", type=int, default=7, help="timed steps per column (median reported)")
-    parser.add_argument("--quick", action="store_true", help="small configuration only, 3 repeats")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
-    args = parser.parse_args()
-    if args.threads < 1 or args.repeats < 1:
-        parser.error("--threads and --repeats must be >= 1")
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    repeats = 3 if args.quick else args.repeats
+    args, device, repeats = parse_timing_args(__doc__, repeats=7)
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, repeats {repeats}, "
           f"load average at start: {load_average()}")
     names = ["xbm step", *ADAPTERS]

@@ -233,19 +233,24 @@ def fmt_ratio(num: float | None, den: float | None) -> str:
     return "-" if num is None or den is None else f"{num / den:.2f}"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_timing_args(doc: str, repeats: int) -> tuple[argparse.Namespace, torch.device, int]:
+    """The options every memory benchmark takes (--threads --repeats --quick --device), applied: torch's
+    thread count set; (args, device, repeats to time: 3 with --quick)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (CPU)")
-    parser.add_argument("--repeats", type=int, default=9, help="timed steps per method (median reported)")
+    parser.add_argument("--repeats", type=int, default=repeats, help="timed steps per method (median reported)")
     parser.add_argument("--quick", action="store_true", help="small configuration only, 3 repeats")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     args = parser.parse_args()
     if args.threads < 1 or args.repeats < 1:
         parser.error("--threads and --repeats must be >= 1")
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    return args, torch.device(args.device), 3 if args.quick else args.repeats
+
+
+def main() -> None:
+    args, device, repeats = parse_timing_args(__doc__, repeats=9)
     configs = QUICK_CONFIGS if args.quick else FULL_CONFIGS
-    repeats = 3 if args.quick else args.repeats
 
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, repeats {repeats}")
     print(f"load average at start: {load_average()}")
