@@ -11,8 +11,9 @@ checkpoint entries and reads it back in `load_state_dict(checkpoint)`; every ran
 asked, and only rank 0 writes files.
 
 The default hooks, in order (Trainer.build_hooks): StopOnSignal, DriftProbe (DRIFT.ENABLE),
-MemoryDriftProbe (DRIFT.MEMORY_PROBE), MetricWriter, PeriodicCheckpointer, EvalHook. A new hook is a subclass of HookBase passed to
-`Trainer(cfg, extra_hooks=[...])` (or `trainer.register_hooks([...])`); the loop does not change.
+MemoryDriftProbe (DRIFT.MEMORY_PROBE), MetricWriter, PeriodicCheckpointer, EvalHook. A new hook is a
+subclass of HookBase passed to `Trainer(cfg, extra_hooks=[...])` (or `trainer.register_hooks([...])`);
+the loop does not change.
 """
 from __future__ import annotations
 
