@@ -12,8 +12,9 @@ Each run trains 600 iterations at batch 16 (the configs' 2,000, or the sweeps' 1
 `make demo` past 6 minutes on a 2-core CPU), two runs at a time with one thread each, so the four
 take about 3.5 minutes on 2 cores, evaluation included (each run spends about 40 s of its ~100
 embedding the 15,668 test images). The story holds at this length over 3 seeds (BENCHMARKS.md, "The
-demo's length"), and with one thread a run is bit-identical to that section's seed-0 run on the
-same machine.
+demo's length"). A run's numbers depend on its thread count: that section's runs had two threads
+each, so its seed 0 differs from this table by a few points, in the same order; rerun with one
+thread, two at a time, the demo repeats its own numbers bit for bit on the same machine.
 """
 from __future__ import annotations
 
