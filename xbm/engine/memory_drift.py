@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..memory.cross_batch_memory import CrossBatchMemory
-from .drift import embed_in_eval_mode
+from .drift import COSINE_KEY, embed_in_eval_mode, feature_drift
 
 STORED_KEY = "memory_drift/cosine_stored"
 ENQUEUED_KEY = "memory_drift/cosine_enqueued"
@@ -38,9 +38,9 @@ _PROBE_STREAM = 0x3E3_0D21
 
 
 def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean over rows of the cosine similarity between row i of `a` and row i of `b` (float64)."""
-    a, b = a.detach().double().cpu(), b.detach().double().cpu()
-    return float(torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-12).mean())
+    """Mean over rows of the cosine similarity between row i of `a` and row i of `b` (float64): the
+    feature-drift probe's cosine."""
+    return feature_drift(a, b)[COSINE_KEY]
 
 
 def known_slots(memory: CrossBatchMemory) -> torch.Tensor:

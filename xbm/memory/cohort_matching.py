@@ -16,11 +16,11 @@ from __future__ import annotations
 import torch
 from yacs.config import CfgNode
 
-from .adaptation import _MomentAdapter, _affine, _apply_affine, _check_pair, _common_options, _moments, _stats_dtype
+from .adaptation import MomentMatching, _affine, _apply_affine, _check_pair, _common_options, _moments, _stats_dtype
 from .build import ADAPTER_REGISTRY
 
 
-class CohortMomentMatching(_MomentAdapter):
+class CohortMomentMatching(MomentMatching):
     """xbn_age: per-dimension moment matching of each age cohort of the memory to the batch.
 
     `CrossBatchMemory.adapt_` passes `ages` (rows enqueued after each valid entry, 0 for the newest)
@@ -35,9 +35,6 @@ class CohortMomentMatching(_MomentAdapter):
         if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
             raise ValueError(f"groups must be an int >= 1, got {groups!r}")
         self.groups = groups
-
-    def _target_moments(self, batch_mean, batch_std, batch_size):
-        return batch_mean, batch_std
 
     def cohorts(self, ages: torch.Tensor, capacity: int) -> torch.Tensor:
         """Cohort of each entry, 0 (newest) to groups - 1, by age over `capacity` equal spans."""

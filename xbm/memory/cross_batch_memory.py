@@ -151,7 +151,7 @@ class CrossBatchMemory(nn.Module):
         """
         self._check_batch(embeddings, labels)
         if self.track_items:
-            self._enqueue_items(embeddings, item_ids)
+            item_ids = self._checked_item_ids(item_ids, embeddings.shape[0])
         batch = embeddings.shape[0]
         start = self._pointer
         end = start + batch
@@ -171,20 +171,21 @@ class CrossBatchMemory(nn.Module):
             indices = torch.cat(
                 (torch.arange(start, self.size, device=device), torch.arange(0, tail, device=device))
             )
+        if self.track_items:
+            self.item_ids[indices] = item_ids.to(self.item_ids.device, torch.int64)
+            self.enqueued_feats[indices] = embeddings.to(self.enqueued_feats.device, self.enqueued_feats.dtype)
         self._pointer = end % self.size
         self._filled = min(self.size, self._filled + batch)
         return indices
 
-    def _enqueue_items(self, embeddings: torch.Tensor, item_ids: torch.Tensor | None) -> None:
-        """The item ids and the un-adapted copy of a batch, at the slots `enqueue` is about to write."""
+    def _checked_item_ids(self, item_ids: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """One id per row (None: all unknown), checked before `enqueue` writes anything."""
         if item_ids is None:
-            item_ids = torch.full((embeddings.shape[0],), UNKNOWN_ITEM, dtype=torch.int64)
-        if not isinstance(item_ids, torch.Tensor) or item_ids.shape != (embeddings.shape[0],):
+            return torch.full((batch,), UNKNOWN_ITEM, dtype=torch.int64)
+        if not isinstance(item_ids, torch.Tensor) or item_ids.shape != (batch,):
             got = tuple(item_ids.shape) if isinstance(item_ids, torch.Tensor) else type(item_ids).__name__
-            raise ValueError(f"item_ids must be a 1-D tensor of one id per row ({embeddings.shape[0]}), got {got}")
-        slots = (torch.arange(embeddings.shape[0], device=self.feats.device) + self._pointer) % self.size
-        self.item_ids[slots] = item_ids.to(self.item_ids.device, torch.int64)
-        self.enqueued_feats[slots] = embeddings.to(self.enqueued_feats.device, self.enqueued_feats.dtype)
+            raise ValueError(f"item_ids must be a 1-D tensor of one id per row ({batch}), got {got}")
+        return item_ids
 
     @torch.no_grad()
     def undo_point(self, batch_size: int, adapting: bool) -> UndoPoint:
