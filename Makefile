@@ -26,12 +26,13 @@ install: $(STAMP)
 demo: install
 	$(BIN)/python scripts/demo.py
 
-# Everything but the few heavy end-to-end tests (pytest.ini: heavy), within 5 minutes on 2 cores:
+# Everything but the few heavy tests (pytest.ini: heavy), within 5 minutes on 2 cores:
 # two pytest workers (pytest-xdist), since many tests wait on subprocesses and imports.
 test: install
 	$(BIN)/python -m pytest tests -m "not heavy" -n 2
 
-# Everything, the heavy tests included (the submitit cluster launcher, the evaluation benchmark).
+# Everything, the heavy tests included (the submitit cluster launcher, the evaluation benchmark, the
+# whole default Glyphs dataset).
 test-all: install
 	$(BIN)/python -m pytest tests -n 2
 

@@ -344,7 +344,8 @@ def test_dataset_reports_malformed_lines_and_missing_images(small, tmp_path):
         Glyphs(copy, "test", min_fonts=MIN_FONTS, generate=False)
 
 
-@pytest.mark.slow
+# The whole default dataset (15 s of one core): what `make demo` generates first; make test-all runs it.
+@pytest.mark.heavy
 def test_full_default_generation(tmp_path):
     summary = gen.generate_glyphs(tmp_path, progress=False)
     assert 2500 <= summary["classes"] <= 3500 and 25000 <= summary["images"] <= 45000
