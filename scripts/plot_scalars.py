@@ -23,20 +23,25 @@ PANEL_INCHES = (6.0, 4.0)
 
 
 def read_scalars(run_dir: str) -> dict[str, list[tuple[int, float]]]:
-    """{tag: [(iteration, value), ...]} from every event file of `run_dir`, by iteration (a resumed
-    run's later file wins where two files log the same iteration)."""
+    """{tag: [(iteration, value), ...]} from every event file of `run_dir`, by iteration (where two
+    files log the same iteration, as a resumed run's do, the value written last wins)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    files = sorted(glob.glob(os.path.join(run_dir, "events.out.tfevents.*")))
+    files = glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))
     if not files:
         raise FileNotFoundError(f"{run_dir} has no tensorboard event files: is it the OUTPUT_DIR of a training run?")
-    scalars: dict[str, dict[int, float]] = {}
+    # By each event's wall time, not by file name: the name's per-process writer counter sorts as text
+    # ("10" before "9"), and two writers opened in the same second share its timestamp.
+    scalars: dict[str, dict[int, tuple[float, float]]] = {}
     for path in files:
         events = EventAccumulator(path, size_guidance={"scalars": 0})
         events.Reload()
         for tag in events.Tags()["scalars"]:
-            scalars.setdefault(tag, {}).update((e.step, e.value) for e in events.Scalars(tag))
-    return {tag: sorted(values.items()) for tag, values in scalars.items()}
+            latest = scalars.setdefault(tag, {})
+            for event in events.Scalars(tag):
+                if event.step not in latest or event.wall_time >= latest[event.step][0]:
+                    latest[event.step] = (event.wall_time, event.value)
+    return {tag: sorted((step, value) for step, (_, value) in steps.items()) for tag, steps in scalars.items()}
 
 
 def plot(runs: dict[str, dict], tags: list[str], log_y: bool):

@@ -164,6 +164,10 @@ def test_plot_scalars_reads_every_event_file_and_draws_each_tag(tmp_path, capsys
             for step in range(start, start + 4):
                 writer.add_scalar("grad/memory_over_inbatch", scale * (step + 1) + start, step)
             writer.close()
+        # The first file's name now sorts last (as a writer counter of 9 against 10 does): the order
+        # that counts is the order of writing.
+        first = next((tmp_path / name).glob("events.out.tfevents.*.0"))
+        first.rename(tmp_path / name / "events.out.tfevents.9999999999.sorts-last")
     assert plot_scalars.read_scalars(str(tmp_path / "a"))["grad/memory_over_inbatch"][3] == (3, 7.0)
     out = tmp_path / "ratio.png"
     code = plot_scalars.main(["--runs", str(tmp_path / "a"), str(tmp_path / "b"), "--tags",
