@@ -31,8 +31,8 @@ demo: install
 test: install
 	$(BIN)/python -m pytest tests -m "not heavy" -n 2
 
-# Everything, the heavy tests included (the submitit cluster launcher, the evaluation benchmark, the
-# whole default Glyphs dataset).
+# Everything, the heavy tests included (the submitit cluster launcher, two benchmarks, bf16 under DDP,
+# the whole default Glyphs dataset).
 test-all: install
 	$(BIN)/python -m pytest tests -n 2
 

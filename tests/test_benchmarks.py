@@ -53,7 +53,8 @@ def test_bench_eval_quick_every_method_gets_the_same_metrics():
     assert len(set(r1.values())) == 1, r1  # every exact search finds the same neighbours
 
 
-@pytest.mark.slow
+# A ResNet-18 at two settings (10 s); make test-all runs it.
+@pytest.mark.heavy
 def test_bench_train_throughput_times_each_setting_against_fp32():
     out = run_benchmark("bench_train_throughput.py", "--device", "cpu", "--backbones", "resnet18", "--size", "32",
                         "--batch", "8", "--steps", "1", "--warmup", "0", "--settings", "fp32", "amp",

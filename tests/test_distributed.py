@@ -224,7 +224,8 @@ def test_torchrun_writes_one_set_of_outputs_and_a_stopped_run_resumes_exactly(gl
         assert resumed_records[-1][key] == pytest.approx(records[-1][key], abs=1e-6)
 
 
-@pytest.mark.slow
+# Two processes for 20 s of CPU; the gradient and resume tests above cover DDP in make test.
+@pytest.mark.heavy
 def test_torchrun_trains_with_bf16_autocast(glyph_root, tmp_path):
     """SOLVER.AMP bf16 under two gloo processes: every rank skips or steps alike (one all-reduce)."""
     out = tmp_path / "bf16"
