@@ -36,6 +36,11 @@ def check_cfg(cfg: CfgNode) -> None:
         raise ValueError(f"SOLVER.SEED must be >= 0 (it seeds numpy's SeedSequence), got {cfg.SOLVER.SEED}")
     if cfg.SOLVER.BASE_LR <= 0:
         raise ValueError(f"SOLVER.BASE_LR must be positive, got {cfg.SOLVER.BASE_LR}")
+    if cfg.SOLVER.BACKBONE_LR_FACTOR < 0:
+        raise ValueError(f"SOLVER.BACKBONE_LR_FACTOR must be >= 0 (0 freezes the backbone), got "
+                         f"{cfg.SOLVER.BACKBONE_LR_FACTOR}")
+    if not 0.0 < cfg.SOLVER.LAYER_DECAY <= 1.0:
+        raise ValueError(f"SOLVER.LAYER_DECAY must be in (0, 1] (1 = off), got {cfg.SOLVER.LAYER_DECAY}")
     for key in ("CHECKPOINT_PERIOD", "LOG_PERIOD", "WARMUP_ITERS"):
         if getattr(cfg.SOLVER, key) < 0:
             raise ValueError(f"SOLVER.{key} must be >= 0, got {getattr(cfg.SOLVER, key)}")
@@ -65,6 +70,28 @@ def check_registered_names(cfg: CfgNode) -> None:
     for registry, name in ((DATASET_REGISTRY, cfg.DATA.NAME), (BACKBONE_REGISTRY, cfg.MODEL.BACKBONE.NAME),
                            (LOSS_REGISTRY, cfg.LOSS.NAME), (ADAPTER_REGISTRY, cfg.XBM.ADAPT.NAME)):
         registry.get(name)  # a ValueError naming the key and the registered names
+    check_backbone(cfg)
+
+
+def check_backbone(cfg: CfgNode) -> None:
+    """A timm backbone: timm installed, the model known, and MODEL.BACKBONE.* / TIMM.KWARGS accepted by it (the
+    model is built on the meta device: no memory, no weights); another backbone: the timm-only keys unset."""
+    import torch
+
+    from ..modeling.backbones import BACKBONE_REGISTRY
+    from ..modeling.backbones.build import is_timm, refuse_timm_keys
+    from ..modeling.backbones.timm_backbone import timm_model_name
+
+    spec = cfg.MODEL.BACKBONE
+    if not is_timm(spec.NAME):
+        refuse_timm_keys(spec)
+        if cfg.SOLVER.LAYER_DECAY != 1.0:
+            raise ValueError(f"SOLVER.LAYER_DECAY groups a timm model's layers; {spec.NAME} has no such grouping: "
+                             "keep 1.0")
+        return
+    timm_model_name(spec.NAME)
+    with torch.device("meta"):
+        BACKBONE_REGISTRY.get(spec.NAME).from_config(cfg)
 
 
 def _check_memory_probe(cfg: CfgNode) -> None:

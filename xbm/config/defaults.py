@@ -17,14 +17,22 @@ _C.MODEL = CN()
 _C.MODEL.DEVICE = "auto"
 
 _C.MODEL.BACKBONE = CN()
-# convnet (small CPU net for 32 px Glyphs) | resnet18 | resnet50 | bninception, or any name registered in
+# convnet (small CPU net for 32 px Glyphs) | resnet18 | resnet50 | bninception | timm:<timm model name>
+# (any model of the timm library, e.g. timm:vit_small_patch16_224.dino, timm:convnext_tiny; needs the extra
+# `pip install -e '.[timm]'`; README, Backbones), or any name registered in
 # xbm.modeling.backbones.BACKBONE_REGISTRY (README, Extending xbm)
 _C.MODEL.BACKBONE.NAME = "convnet"
-# "" = random init; "imagenet" = the standard ImageNet weights (torch hub cache, downloaded only
-# when this is set); or a path to a .pth state dict
+# "" = random init; "imagenet" = the standard ImageNet weights of resnet18/50 and bninception (torch hub
+# cache, downloaded only when this is set); "hub" = a timm model's own pretrained weights, read from the
+# local Hugging Face cache only (MODEL.BACKBONE.TIMM.HUB_DOWNLOAD allows a download); or a path to a state
+# dict file: .pth / .pt / .bin (torch.save) or .safetensors, optionally wrapped in "state_dict" or "model"
+# and with a "module." prefix
 _C.MODEL.BACKBONE.PRETRAINED = ""
-# Global pooling of the last feature map: avg | max | avgmax (sum of both)
-_C.MODEL.BACKBONE.POOLING = "avg"
+# Global pooling of the features: "" = the backbone's own (avg for convnet, resnet*, bninception; for a timm
+# model its default global pool: the class token for a ViT, the average for ConvNeXt). xbm's backbones:
+# avg | max | avgmax (sum of both); timm models: any global_pool value the model takes (token, avg, max,
+# avgmax, map, ...)
+_C.MODEL.BACKBONE.POOLING = ""
 # Stride of the last ResNet stage: 2 (torchvision) or 1 (a larger final feature map)
 _C.MODEL.BACKBONE.LAST_STRIDE = 2
 # Freeze BatchNorm statistics and affine parameters of the backbone (eval mode during training)
@@ -35,8 +43,28 @@ _C.MODEL.BACKBONE.STEM_RELU = True
 # Channel widths of the convnet's stages (two conv-BN-ReLU each, 2x downsampling between stages)
 _C.MODEL.BACKBONE.CONVNET_WIDTHS = (32, 64, 128, 256)
 
+# timm backbones (MODEL.BACKBONE.NAME timm:<name>; xbm/modeling/backbones/timm_backbone.py). Each key is
+# refused with another backbone unless it keeps its default.
+_C.MODEL.BACKBONE.TIMM = CN()
+# Extra keyword arguments of timm.create_model, set in a YAML file as a mapping: architecture changes
+# (patch_size, depth, embed_dim, num_heads: the tiny ViT of configs/glyphs_vit_baseline.yaml) or
+# regularisation (drop_path_rate). Any key is accepted here; timm refuses the ones the model does not take.
+_C.MODEL.BACKBONE.TIMM.KWARGS = CN(new_allowed=True)
+# With MODEL.BACKBONE.PRETRAINED hub: download the weights from the Hugging Face hub when the local cache
+# lacks them (off: a missing file stops the run with the repository and cache path to fill)
+_C.MODEL.BACKBONE.TIMM.HUB_DOWNLOAD = False
+# Freeze the patch embedding (no gradient, no update), as Hyp-ViT does (htdt/hyp_metric); ViT-style models only
+_C.MODEL.BACKBONE.TIMM.FREEZE_PATCH_EMBED = False
+# Activation (gradient) checkpointing of the backbone's blocks: recompute activations in backward to
+# save memory (timm's set_grad_checkpointing); the result is the same, a step costs about a third more
+_C.MODEL.BACKBONE.TIMM.GRAD_CHECKPOINTING = False
+# Fused attention (torch's scaled_dot_product_attention, timm's default) in every attention layer that
+# has the switch; False computes softmax(QK^T)V step by step (same values up to rounding, more memory)
+_C.MODEL.BACKBONE.TIMM.FUSED_ATTN = True
+
 _C.MODEL.HEAD = CN()
-# Embedding width: a linear layer on the pooled features, then L2 normalisation
+# Embedding width: a linear layer on the pooled features, then L2 normalisation; 0 = no projection (the
+# pooled features themselves, L2-normalised: 384-d for a ViT-S, as Hyp-ViT and SEE report)
 _C.MODEL.HEAD.DIM = 128
 # Initialisation of the head's linear layer: pytorch (nn.Linear's default) | kaiming_fan_out (the official
 # XBM head: kaiming_normal_ weights in fan_out mode, zero bias; research-xbm
@@ -85,10 +113,17 @@ _C.DATA.GLYPHS.IMAGE_SIZE = 32
 
 # ---------------------------------------------------------------------------
 _C.INPUT = CN()
-# Side of the square network input (training crop and test centre crop); Glyphs: the image size
+# Side of the square network input (training crop and test centre crop); Glyphs: the image size.
+# 0 = the backbone's pretrained input size (a timm model's data config, e.g. 224; 518 for DINOv2). A ViT
+# built for another size interpolates its position embedding to this one
 _C.INPUT.IMAGE_SIZE = 32
-# Shorter side after the first resize (natural images only; test: resize then centre crop)
+# Shorter side after the first resize (natural images only; test: resize then centre crop). 0 = the
+# backbone's test resize, floor(IMAGE_SIZE / crop_pct) with the crop_pct of a timm model's data config
+# (0.875 otherwise: 256 for 224)
 _C.INPUT.RESIZE = 256
+# Interpolation of the resizes and of the random resized crop: "" = the backbone's (a timm model's data
+# config, bicubic for most ViTs; bilinear for xbm's backbones) | bilinear | bicubic
+_C.INPUT.INTERPOLATION = ""
 # Area range of RandomResizedCrop at training time (natural images only)
 _C.INPUT.CROP_SCALE = (0.16, 1.0)
 # Random horizontal flips at training time (natural images only; never for Glyphs)
@@ -218,6 +253,15 @@ _C.SOLVER.OPTIMIZER = "adam"
 _C.SOLVER.BASE_LR = 3e-4
 # Weight decay (L2 for adam/sgd, decoupled for adamw)
 _C.SOLVER.WEIGHT_DECAY = 0.0
+# No weight decay for biases and norm layers (every parameter of fewer than 2 dimensions) and for the
+# backbone's own no_weight_decay() names (a timm ViT: pos_embed, cls_token), as timm, DINO and HIER do
+_C.SOLVER.NO_DECAY_NORM_BIAS = False
+# Learning rate of the backbone = SOLVER.BASE_LR x this; the head keeps SOLVER.BASE_LR (0.01: the head
+# learns 100x faster, as HIER and Proxy-Anchor set it)
+_C.SOLVER.BACKBONE_LR_FACTOR = 1.0
+# Layer-wise learning-rate decay of the backbone (1 = off): layer l of L gets decay^(L - l) of its rate,
+# the layers as timm groups them (timm.optim.param_groups_layer_decay); timm backbones only
+_C.SOLVER.LAYER_DECAY = 1.0
 # SGD momentum
 _C.SOLVER.MOMENTUM = 0.9
 # Number of training iterations

@@ -119,7 +119,17 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     new key's default keeps the old behaviour), so it counts as the default."""
     saved, current = _renamed_copy(saved), _renamed_copy(current)
     _fill_missing(saved, yaml.safe_load(get_cfg().dump()))
+    for data in (saved, current):
+        _resolve_backbone_pooling(data)
     return _leaf_differences(saved, current, "")
+
+
+def _resolve_backbone_pooling(data: dict) -> None:
+    """MODEL.BACKBONE.POOLING "" means avg for xbm's own backbones (its default was avg until timm backbones
+    came, whose own pooling "" selects), so a checkpoint that saved avg resumes under the new default."""
+    backbone = data.get("MODEL", {}).get("BACKBONE", {})
+    if backbone.get("POOLING") == "" and not str(backbone.get("NAME", "")).lower().startswith("timm:"):
+        backbone["POOLING"] = "avg"
 
 
 def _fill_missing(saved: dict, defaults: dict) -> None:

@@ -4,11 +4,14 @@ Natural images (the default of every dataset):
   train: Resize(INPUT.RESIZE) -> RandomResizedCrop(INPUT.IMAGE_SIZE, scale=INPUT.CROP_SCALE)
          -> RandomHorizontalFlip (if INPUT.HFLIP)
   test:  Resize(INPUT.RESIZE) -> CenterCrop(INPUT.IMAGE_SIZE)
+  (interpolation INPUT.INTERPOLATION; 0 / "" for IMAGE_SIZE, RESIZE, INTERPOLATION: the backbone's, which
+  for a timm model is timm's data config of its weights: input size, floor(size / crop_pct), bicubic)
   then `BackboneInput`, the convention the pretrained weights were trained with:
     bninception      BGR channel order, 0-255 range, mean (B, G, R) = (104, 117, 128), std 1
                      (the Caffe-era ImageNet port; feeding it RGB/ImageNet-normalised input
                      silently costs accuracy);
-    resnet*, convnet RGB, 0-1 range, ImageNet mean/std (torchvision's weights).
+    resnet*, convnet RGB, 0-1 range, ImageNet mean/std (torchvision's weights);
+    timm:<name>      RGB, 0-1 range, the mean/std of the model's pretrained config.
 A dataset may declare its own steps and convention instead (`transform_steps`, `INPUT_CONVENTION`
 of its class): Glyphs (32x32 grayscale "L" images) has no augmentation, RGB, a resize only when
 INPUT.IMAGE_SIZE differs from DATA.GLYPHS.IMAGE_SIZE, then 0-1 range and Normalize(0.5, 0.5).
@@ -18,6 +21,7 @@ convention on its device (the same arithmetic, `to_backbone_input`).
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -41,15 +45,69 @@ class InputConvention:
 
 BNINCEPTION_CONVENTION = InputConvention("BGR", 255.0, (104.0, 117.0, 128.0), (1.0, 1.0, 1.0))
 IMAGENET_CONVENTION = InputConvention("RGB", 1.0, IMAGENET_MEAN, IMAGENET_STD)
+# timm's test-time crop when a model's config gives none (timm.data.constants.DEFAULT_CROP_PCT): 224 of 256
+DEFAULT_CROP_PCT = 0.875
+INTERPOLATIONS = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
 
 
-def input_convention(backbone_name: str) -> InputConvention:
-    """The input convention of a backbone (MODEL.BACKBONE.NAME): its registered class's INPUT_CONVENTION."""
+@dataclass(frozen=True)
+class DataConfig:
+    """What a backbone's weights expect beyond the convention: the input side, test crop and interpolation
+    (a timm model's are timm's resolution of its pretrained config; `data_config` of the backbone class)."""
+
+    convention: InputConvention
+    input_size: int | None  # the side it was trained at; None: any (xbm's own backbones)
+    crop_pct: float  # test-time centre crop as a fraction of the resized side
+    interpolation: str  # bilinear | bicubic
+
+
+@dataclass(frozen=True)
+class InputGeometry:
+    """INPUT.IMAGE_SIZE, RESIZE and INTERPOLATION of a config, with 0 / "" resolved from the backbone."""
+
+    size: int
+    resize: int
+    interpolation: str
+
+
+def backbone_data_config(cfg) -> DataConfig:
+    """The data config of MODEL.BACKBONE.NAME (its registered class's `data_config`)."""
     # Imported here: the backbones import this module's conventions, and a backbone registered at
     # run time must be found, so the registry is read when asked.
     from ..modeling.backbones import BACKBONE_REGISTRY
 
-    return BACKBONE_REGISTRY.get(backbone_name).INPUT_CONVENTION
+    name = cfg.MODEL.BACKBONE.NAME
+    return BACKBONE_REGISTRY.get(name).data_config(name, dict(cfg.MODEL.BACKBONE.TIMM.KWARGS))
+
+
+def input_convention(backbone_name: str) -> InputConvention:
+    """The input convention of a backbone (MODEL.BACKBONE.NAME): its registered class's INPUT_CONVENTION, or a
+    timm model's mean and std."""
+    from ..modeling.backbones import BACKBONE_REGISTRY
+
+    return BACKBONE_REGISTRY.get(backbone_name).data_config(backbone_name).convention
+
+
+def input_geometry(cfg) -> InputGeometry:
+    """The input side, test resize and interpolation of this config: INPUT.* where set, else the backbone's."""
+    size, resize = int(cfg.INPUT.IMAGE_SIZE), int(cfg.INPUT.RESIZE)
+    interpolation = cfg.INPUT.INTERPOLATION.lower()
+    if size < 0 or resize < 0:
+        raise ValueError(f"INPUT.IMAGE_SIZE and INPUT.RESIZE must be >= 0 (0: the backbone's), got {size} and {resize}")
+    if interpolation and interpolation not in INTERPOLATIONS:
+        raise ValueError(f"INPUT.INTERPOLATION {cfg.INPUT.INTERPOLATION!r} is not one of {sorted(INTERPOLATIONS)} "
+                         "or '' (the backbone's)")
+    if size and resize and interpolation:
+        return InputGeometry(size, resize, interpolation)
+    data = backbone_data_config(cfg)
+    if not size:
+        if data.input_size is None:
+            raise ValueError(f"INPUT.IMAGE_SIZE 0 takes the backbone's pretrained input size, and "
+                             f"{cfg.MODEL.BACKBONE.NAME} has none: set INPUT.IMAGE_SIZE")
+        size = data.input_size
+    if not resize:
+        resize = int(math.floor(size / data.crop_pct))  # timm's test transform (transforms_factory.py)
+    return InputGeometry(size, resize, interpolation or data.interpolation)
 
 
 def to_backbone_input(pixels: torch.Tensor, convention: InputConvention) -> torch.Tensor:
@@ -103,7 +161,7 @@ class RGBPixels:
 def model_input_convention(cfg) -> InputConvention:
     """The input convention of this config's images: the dataset's own if it has one, else the backbone's."""
     own = _dataset_class(cfg).INPUT_CONVENTION
-    return own if own is not None else input_convention(cfg.MODEL.BACKBONE.NAME)
+    return own if own is not None else backbone_data_config(cfg).convention
 
 
 def _dataset_class(cfg):
@@ -113,17 +171,11 @@ def _dataset_class(cfg):
     return dataset_class(cfg)
 
 
-def check_sizes(cfg) -> tuple[int, int, tuple[float, float]]:
-    size, resize = int(cfg.INPUT.IMAGE_SIZE), int(cfg.INPUT.RESIZE)
-    scale = tuple(float(s) for s in cfg.INPUT.CROP_SCALE)
-    if size < 1:
-        raise ValueError(f"INPUT.IMAGE_SIZE must be positive, got {size}")
-    return size, resize, scale
-
-
 def natural_image_steps(cfg, train: bool) -> list:
     """Resize, then a random resized crop and flip (train) or a centre crop (test)."""
-    size, resize, scale = check_sizes(cfg)
+    geometry = input_geometry(cfg)
+    size, resize, mode = geometry.size, geometry.resize, INTERPOLATIONS[geometry.interpolation]
+    scale = tuple(float(s) for s in cfg.INPUT.CROP_SCALE)
     if resize < size:
         raise ValueError(
             f"INPUT.RESIZE ({resize}) is smaller than INPUT.IMAGE_SIZE ({size}): the centre crop would "
@@ -132,8 +184,8 @@ def natural_image_steps(cfg, train: bool) -> list:
     if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
         raise ValueError(f"INPUT.CROP_SCALE must be (low, high) with 0 < low <= high <= 1, got {scale}")
     if not train:
-        return [T.Resize(resize), T.CenterCrop(size)]
-    steps = [T.Resize(resize), T.RandomResizedCrop(size, scale=scale)]
+        return [T.Resize(resize, interpolation=mode), T.CenterCrop(size)]
+    steps = [T.Resize(resize, interpolation=mode), T.RandomResizedCrop(size, scale=scale, interpolation=mode)]
     if cfg.INPUT.HFLIP:
         steps.append(T.RandomHorizontalFlip())
     return steps

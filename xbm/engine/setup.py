@@ -109,13 +109,14 @@ def log_setup(trainer) -> None:
     log(f"device {trainer.device}; {len(trainer.train_set)} training images in "
         f"{len(set(int(x) for x in labels))} classes; output in {trainer.output_dir}")
     params = sum(p.numel() for p in trainer.model.parameters())
-    log(f"model {cfg.MODEL.BACKBONE.NAME} + {cfg.MODEL.HEAD.DIM}-d head, {params / 1e6:.2f} M parameters")
+    head = f"{cfg.MODEL.HEAD.DIM}-d head" if cfg.MODEL.HEAD.DIM else f"no head ({trainer.model.dim}-d features)"
+    log(f"model {cfg.MODEL.BACKBONE.NAME} + {head}, {params / 1e6:.2f} M parameters")
     if trainer.world_size > 1:
         log(f"distributed: {trainer.world_size} processes, DATA.BATCH_SIZE {cfg.DATA.BATCH_SIZE} per process, "
             f"global batch {trainer.world_size * cfg.DATA.BATCH_SIZE}")
     memory = trainer.objective.memory
     if memory is not None:
-        log(f"cross-batch memory: {memory.size} x {cfg.MODEL.HEAD.DIM} {cfg.XBM.DTYPE}, "
+        log(f"cross-batch memory: {memory.size} x {memory.dim} {cfg.XBM.DTYPE}, "
             f"{memory.nbytes / 2**20:.2f} MiB; adaptation {cfg.XBM.ADAPT.NAME}; "
             f"memory loss from iteration {cfg.XBM.START_ITERATION} with weight {cfg.XBM.WEIGHT}; "
             f"filled from {cfg.XBM.FILL_FROM}")

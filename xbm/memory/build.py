@@ -28,7 +28,8 @@ def no_adaptation(cfg: CfgNode) -> None:
 
 def build_memory(cfg: CfgNode, device: torch.device | str = "cpu", check_finite: bool = True,
                  track_items: bool = False) -> CrossBatchMemory | None:
-    """A CrossBatchMemory of XBM.SIZE x MODEL.HEAD.DIM in XBM.DTYPE, or None if XBM.ENABLE is off.
+    """A CrossBatchMemory of XBM.SIZE x the embedding width (MODEL.HEAD.DIM, or the backbone's features
+    with 0) in XBM.DTYPE, or None if XBM.ENABLE is off.
     track_items: keep each entry's item id and un-adapted copy (DRIFT.MEMORY_PROBE re-embeds them).
 
     check_finite=False for a caller that checks the embeddings itself (the trainer folds that check
@@ -38,8 +39,10 @@ def build_memory(cfg: CfgNode, device: torch.device | str = "cpu", check_finite:
     dtype_name = str(cfg.XBM.DTYPE).lower()
     if dtype_name not in _DTYPES:
         raise ValueError(f"XBM.DTYPE must be one of {sorted(_DTYPES)}, got {cfg.XBM.DTYPE!r}")
+    from ..modeling import embedding_dim  # imported here: the model package is heavier than the memory's
+
     return CrossBatchMemory(
-        size=int(cfg.XBM.SIZE), dim=int(cfg.MODEL.HEAD.DIM), device=device, dtype=_DTYPES[dtype_name],
+        size=int(cfg.XBM.SIZE), dim=embedding_dim(cfg), device=device, dtype=_DTYPES[dtype_name],
         check_finite=check_finite, track_items=track_items,
     )
 

@@ -1,3 +1,3 @@
-from .build import EmbeddingModel, build_model
+from .build import EmbeddingModel, build_model, embedding_dim
 
-__all__ = ["EmbeddingModel", "build_model"]
+__all__ = ["EmbeddingModel", "build_model", "embedding_dim"]

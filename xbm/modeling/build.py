@@ -16,6 +16,7 @@ class EmbeddingModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = EmbeddingHead(backbone.out_features, dim, init=head_init)
+        self.dim = self.head.dim
         self.convention = convention
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -27,7 +28,20 @@ class EmbeddingModel(nn.Module):
 
 
 def build_model(cfg) -> EmbeddingModel:
-    if cfg.MODEL.HEAD.DIM < 1:
-        raise ValueError(f"MODEL.HEAD.DIM must be positive, got {cfg.MODEL.HEAD.DIM}")
+    if cfg.MODEL.HEAD.DIM < 0:
+        raise ValueError(f"MODEL.HEAD.DIM must be positive, or 0 for no projection, got {cfg.MODEL.HEAD.DIM}")
+    if cfg.MODEL.HEAD.DIM == 0 and cfg.SOLVER.HEAD_WARMUP_ITERS > 0:
+        raise ValueError("SOLVER.HEAD_WARMUP_ITERS trains only the head, and MODEL.HEAD.DIM 0 has none: set it to 0")
     return EmbeddingModel(build_backbone(cfg), cfg.MODEL.HEAD.DIM, model_input_convention(cfg),
                           head_init=cfg.MODEL.HEAD.INIT)
+
+
+def embedding_dim(cfg) -> int:
+    """The width of this config's embeddings: MODEL.HEAD.DIM, or with 0 (no head) the backbone's feature
+    width, read off the backbone built on the meta device (no memory, no weights)."""
+    if cfg.MODEL.HEAD.DIM > 0:
+        return int(cfg.MODEL.HEAD.DIM)
+    from .backbones import BACKBONE_REGISTRY
+
+    with torch.device("meta"):
+        return int(BACKBONE_REGISTRY.get(cfg.MODEL.BACKBONE.NAME).from_config(cfg).out_features)

@@ -8,12 +8,15 @@ HEAD_INITS = ("pytorch", "kaiming_fan_out")
 
 
 class EmbeddingHead(nn.Module):
+    """`dim` 0: no projection, the features themselves normalised (MODEL.HEAD.DIM 0)."""
+
     def __init__(self, in_features: int, dim: int, init: str = "pytorch"):
         super().__init__()
         if init not in HEAD_INITS:
             raise ValueError(f"MODEL.HEAD.INIT {init!r} is not one of {HEAD_INITS}")
-        self.fc = nn.Linear(in_features, dim)
-        if init == "kaiming_fan_out":
+        self.dim = int(dim) if dim else int(in_features)
+        self.fc = nn.Linear(in_features, dim) if dim else nn.Identity()
+        if init == "kaiming_fan_out" and dim:
             # The official XBM head (research-xbm ret_benchmark/utils/init_methods.py:7-9@223ecdc, applied by
             # ret_benchmark/modeling/heads/linear_norm.py:13): He-normal weights scaled by the output width,
             # std sqrt(2 / dim) (0.125 for 128-d), and zero bias. PyTorch's default is uniform with std

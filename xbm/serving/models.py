@@ -58,6 +58,7 @@ class CheckpointEmbedder:
         from ..engine.checkpoint import CheckpointError, load_checkpoint
         from ..engine.evaluation_tool import config_of_checkpoint
         from ..modeling import build_model
+        from ..data.transforms import input_geometry
         from .images import describe_transform
 
         if not os.path.isfile(path):
@@ -81,8 +82,8 @@ class CheckpointEmbedder:
         self.model.to(self.device).eval()
         self.transform = build_transforms(self.cfg, train=False)
         self.steps = describe_transform(self.transform)
-        self.dim = int(self.cfg.MODEL.HEAD.DIM)
-        self.image_size = int(self.cfg.INPUT.IMAGE_SIZE)
+        self.dim = int(self.model.dim)
+        self.image_size = input_geometry(self.cfg).size
         self._torch = torch
 
     def preprocess(self, image) -> np.ndarray:

@@ -52,8 +52,14 @@ class Registry(Generic[T]):
         return add(obj)
 
     def get(self, name: str) -> T:
-        """The entry registered under `name`, or a one-sentence ValueError listing the registered names."""
+        """The entry registered under `name`, or a one-sentence ValueError listing the registered names.
+
+        A name registered with a trailing colon ("timm:") is a family: it answers every name that starts
+        with it ("timm:vit_small_patch16_224"), and the entry reads the rest of the name itself."""
         key = self._key(name)
+        family = key.split(":", 1)[0] + ":" if ":" in key else None
+        if key not in self._entries and family in self._entries:
+            return self._entries[family]
         if key not in self._entries:
             raise ValueError(
                 f"{self.config_key} {name!r} is not a known {self.kind}; choose one of {self.names()} "

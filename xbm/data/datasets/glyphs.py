@@ -18,7 +18,7 @@ except ImportError:  # Windows
     fcntl = None
 
 from ..glyphs import GENERATOR_VERSION, LIST_FILES, META_FILE, generate_glyphs
-from ..transforms import InputConvention, ToRGB, check_sizes
+from ..transforms import InputConvention, ToRGB, input_geometry
 from .base import ImageListDataset, Record
 from .build import DATASET_REGISTRY
 from .list_dataset import read_path_label_list
@@ -78,7 +78,7 @@ class Glyphs(ImageListDataset):
     @classmethod
     def transform_steps(cls, cfg, train: bool) -> list:
         """No augmentation: RGB, and a resize only when INPUT.IMAGE_SIZE differs from DATA.GLYPHS.IMAGE_SIZE."""
-        size, _, _ = check_sizes(cfg)
+        size = input_geometry(cfg).size
         steps = [ToRGB()]
         if size != int(cfg.DATA.GLYPHS.IMAGE_SIZE):
             steps.append(T.Resize((size, size)))

@@ -4,6 +4,8 @@
     resnet18     torchvision ResNet-18 (512)
     resnet50     torchvision ResNet-50 (2048)
     bninception  BN-Inception (1024), loads the bn_inception-52deb4733.pth ImageNet port
+    timm:<name>  any timm model (its own feature width), e.g. timm:vit_small_patch16_224.dino (384);
+                 needs the timm extra
 
 `build_backbone(cfg)` reads MODEL.BACKBONE.{NAME, PRETRAINED, FROZEN_BN}, and each backbone's
 `from_config` the keys it takes of POOLING, LAST_STRIDE, STEM_RELU, CONVNET_WIDTHS; weights are loaded
@@ -16,9 +18,10 @@ from .build import BACKBONE_REGISTRY, build_backbone
 from .convnet import Backbone, ConvNet, GlobalPool
 from .resnet import ResNet
 from .bninception import BNInception
+from .timm_backbone import TimmBackbone
 from .pretrained import PretrainedWeightsError, load_pretrained
 
 __all__ = [
     "BACKBONE_REGISTRY", "Backbone", "BNInception", "ConvNet", "GlobalPool", "PretrainedWeightsError", "ResNet",
-    "build_backbone",
+    "TimmBackbone", "build_backbone",
 ]

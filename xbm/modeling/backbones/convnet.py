@@ -16,17 +16,19 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ...data.transforms import IMAGENET_CONVENTION, InputConvention
+from ...data.transforms import DEFAULT_CROP_PCT, IMAGENET_CONVENTION, DataConfig, InputConvention
 from .build import BACKBONE_REGISTRY
+from .pretrained import load_pretrained
 
 POOLINGS = ("avg", "max", "avgmax")
 
 
 class GlobalPool(nn.Module):
-    """Global pooling of a feature map to one vector per image: avg | max | avgmax (their sum)."""
+    """Global pooling of a feature map to one vector per image: avg | max | avgmax (their sum); "" = avg."""
 
     def __init__(self, mode: str = "avg"):
         super().__init__()
+        mode = mode or "avg"  # MODEL.BACKBONE.POOLING "": the backbone's own pooling, which is avg here
         if mode not in POOLINGS:
             raise ValueError(f"MODEL.BACKBONE.POOLING must be one of {POOLINGS}, got {mode!r}")
         self.mode = mode
@@ -55,10 +57,25 @@ class Backbone(nn.Module):
     # The pixels the weights expect (channel order, range, mean/std); the transforms read it by name.
     INPUT_CONVENTION: InputConvention = IMAGENET_CONVENTION
 
-    def __init__(self, pooling: str = "avg"):
+    def __init__(self, pooling: str | None = "avg"):
+        """`pooling` None: the subclass pools in its own forward (a timm model)."""
         super().__init__()
-        self.pool = GlobalPool(pooling)
+        self.pool = GlobalPool(pooling) if pooling is not None else None
         self.frozen_bn = False
+
+    @classmethod
+    def data_config(cls, backbone: str, kwargs=None):
+        """The pixels this backbone's weights expect: INPUT_CONVENTION, any input size, timm's default
+        test crop, bilinear resizing (torchvision's)."""
+        return DataConfig(cls.INPUT_CONVENTION, None, DEFAULT_CROP_PCT, "bilinear")
+
+    def load_weights(self, spec) -> None:
+        """MODEL.BACKBONE.PRETRAINED ("" | imagenet | a state-dict file) into this freshly built backbone."""
+        load_pretrained(self, spec.NAME.lower(), spec.PRETRAINED)
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of parameters of more than one dimension that SOLVER.NO_DECAY_NORM_BIAS also spares (none here)."""
+        return set()
 
     @classmethod
     def from_config(cls, cfg) -> "Backbone":

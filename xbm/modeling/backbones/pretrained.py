@@ -7,7 +7,12 @@ MODEL.BACKBONE.PRETRAINED:
               for in torch.hub's cache (`torch.hub.get_dir()/checkpoints/<file>`) and, only
               when missing, downloaded there with torch.hub.load_state_dict_from_url. Offline,
               the error names the file, the cache path to put it at, and its URL;
-  a path      a state dict saved with torch.save (read with weights_only=True).
+  "hub"       timm backbones: the model's own pretrained weights (timm's pretrained config names their
+              Hugging Face repository), read from the local Hugging Face cache only; downloaded there
+              only with MODEL.BACKBONE.TIMM.HUB_DOWNLOAD True;
+  a path      a state dict: .safetensors (safetensors' loader), or .pth / .pt / .bin saved with
+              torch.save (read with weights_only=True); the dict may sit under a "state_dict" or
+              "model" entry, and a "module." prefix (DataParallel / DDP) is removed.
 
 Loading is strict: the classifier of an ImageNet network (`fc.*`, `last_linear.*`) is
 dropped with a logged warning naming its keys; any other unexpected, missing or
@@ -76,20 +81,37 @@ def fetch_imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
 
 
 def read_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A state dict saved with torch.save, read without unpickling arbitrary objects."""
+    """A state dict file (.safetensors, or torch.save's format), read without unpickling arbitrary objects."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"MODEL.BACKBONE.PRETRAINED: weights file {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle errors, a truncated zip, objects refused by weights_only
-        raise ValueError(f"MODEL.BACKBONE.PRETRAINED: cannot read {path} as a state dict: {err}") from err
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except ImportError:
+        raise ValueError(f"MODEL.BACKBONE.PRETRAINED: reading {path} needs the safetensors package "
+                         "(pip install safetensors; the timm extra installs it)") from None
+    except Exception as err:  # pickle errors, a truncated zip or header, objects refused by weights_only
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"MODEL.BACKBONE.PRETRAINED: cannot read {path} as a state dict: {reason}") from None
     return _as_state_dict(state, str(path))
+
+
+# Entries a training script wraps its weights in (timm's and DINO's checkpoints: "state_dict", "model").
+WRAPPERS = ("state_dict", "model")
 
 
 def _as_state_dict(state, source: str) -> dict[str, torch.Tensor]:
     if not isinstance(state, Mapping):
         raise TypeError(f"{source}: expected a state dict (name -> tensor), got {type(state).__name__}")
+    wrapper = next((w for w in WRAPPERS if isinstance(state.get(w), Mapping)), None)
+    if wrapper is not None and not all(isinstance(v, torch.Tensor) for v in state.values()):
+        logger.info("%s: reading the state dict under its %r entry", source, wrapper)
+        state = state[wrapper]
     not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
         raise TypeError(
@@ -100,6 +122,56 @@ def _as_state_dict(state, source: str) -> dict[str, torch.Tensor]:
     if state and all(k.startswith("module.") for k in state):  # saved from DataParallel / DDP
         state = {k[len("module."):]: v for k, v in state.items()}
     return state
+
+
+def timm_hub_weights(pretrained_cfg: Mapping, backbone: str, download: bool) -> Path:
+    """The local file of a timm model's pretrained weights (MODEL.BACKBONE.PRETRAINED hub).
+
+    timm publishes its weights on the Hugging Face hub (`hf_hub_id`: model.safetensors, or
+    pytorch_model.bin for older uploads); a few configs give only a URL, kept in torch.hub's cache.
+    Nothing is downloaded unless `download` (MODEL.BACKBONE.TIMM.HUB_DOWNLOAD) is True."""
+    repo, url = pretrained_cfg.get("hf_hub_id"), pretrained_cfg.get("url")
+    if repo:
+        return _hf_cached_weights(repo, backbone, download)
+    if url:
+        cached = hub_cache_path(url)
+        if cached.is_file():
+            return cached
+        if download:
+            torch.hub.download_url_to_file(url, str(cached))
+            return cached
+        raise PretrainedWeightsError(
+            f"MODEL.BACKBONE.PRETRAINED hub: the weights of {backbone} are not in the torch hub cache ({cached}); "
+            f"put the file from {url} there, give its path, or set MODEL.BACKBONE.TIMM.HUB_DOWNLOAD True")
+    raise PretrainedWeightsError(f"MODEL.BACKBONE.PRETRAINED hub: timm publishes no weights for {backbone}; "
+                                 "use '' (random init) or a path to a weights file")
+
+
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def _hf_cached_weights(repo: str, backbone: str, download: bool) -> Path:
+    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+
+    for filename in HF_WEIGHT_FILES:
+        found = try_to_load_from_cache(repo, filename)
+        if isinstance(found, str):  # else None (not cached) or a marker that the repo has no such file
+            return Path(found)
+    if download:
+        logger.warning("downloading the weights of %s from the Hugging Face repository %s", backbone, repo)
+        errors = []
+        for filename in HF_WEIGHT_FILES:
+            try:
+                return Path(hf_hub_download(repo, filename))
+            except Exception as err:  # not found, offline, refused: try the next name, then report
+                errors.append(f"{filename}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+        raise PretrainedWeightsError(f"MODEL.BACKBONE.PRETRAINED hub: downloading the weights of {backbone} from "
+                                     f"the Hugging Face repository {repo} failed ({'; '.join(errors)})")
+    raise PretrainedWeightsError(
+        f"MODEL.BACKBONE.PRETRAINED hub: the weights of {backbone} (Hugging Face repository {repo}, "
+        f"{' or '.join(HF_WEIGHT_FILES)}) are not in the local cache {constants.HF_HUB_CACHE}; download them "
+        "there (huggingface-cli download " + repo + "), give the path of a weights file, or set "
+        "MODEL.BACKBONE.TIMM.HUB_DOWNLOAD True to let xbm download them")
 
 
 def _listing(keys: list[str], limit: int = 12) -> str:
