@@ -17,6 +17,8 @@ class NonFiniteLossError(FloatingPointError):
 @torch.no_grad()
 def copy_all(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
     """targets[i].copy_(sources[i]) for all i, in a few fused kernels where torch has them."""
+    if not targets:  # a model without buffers (a ViT has no BatchNorm); _foreach_copy_ refuses empty lists
+        return
     if hasattr(torch, "_foreach_copy_"):
         torch._foreach_copy_(targets, sources)
     else:

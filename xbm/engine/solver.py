@@ -10,6 +10,7 @@ SCHEDULERS = ("none", "step", "cosine", "plateau")
 
 
 def build_optimizer(cfg, params) -> torch.optim.Optimizer:
+    """SOLVER.OPTIMIZER over `params`: a list of parameters, or the groups of `parameter_groups`."""
     name = cfg.SOLVER.OPTIMIZER.lower()
     lr, wd = cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY
     if name == "adam":
@@ -19,6 +20,45 @@ def build_optimizer(cfg, params) -> torch.optim.Optimizer:
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=cfg.SOLVER.MOMENTUM, weight_decay=wd)
     raise ValueError(f"SOLVER.OPTIMIZER {cfg.SOLVER.OPTIMIZER!r} is not one of {OPTIMIZERS}")
+
+
+def parameter_groups(cfg, model) -> list:
+    """The trainable parameters of an EmbeddingModel as the optimizer takes them (SOLVER.NO_DECAY_NORM_BIAS,
+    BACKBONE_LR_FACTOR, LAYER_DECAY).
+
+    With all three at their defaults: one plain list, exactly what the optimizer got before these keys
+    existed (the same bits). Otherwise one group per (learning rate, weight decay): the head at BASE_LR,
+    the backbone at BASE_LR x BACKBONE_LR_FACTOR x its layer's scale (timm's layer grouping, decay^(L - l)),
+    and no decay on 1-d parameters (biases, norms) and the backbone's no_weight_decay() names. Each group's
+    "lr" is its own base: the schedule (a LambdaLR) multiplies every group's by the same factor.
+    """
+    solver = cfg.SOLVER
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not solver.NO_DECAY_NORM_BIAS and solver.BACKBONE_LR_FACTOR == 1.0 and solver.LAYER_DECAY == 1.0:
+        return [p for _, p in named]
+    layer_scales = _layer_scales(model.backbone, solver.LAYER_DECAY)
+    spared = {f"backbone.{n}" for n in model.backbone.no_weight_decay()} if hasattr(model.backbone, "no_weight_decay") \
+        else set()
+    groups: dict[tuple[float, float], dict] = {}
+    for name, param in named:
+        scale = 1.0
+        if name.startswith("backbone."):
+            scale = solver.BACKBONE_LR_FACTOR * layer_scales.get(id(param), 1.0)
+        no_decay = solver.NO_DECAY_NORM_BIAS and (param.ndim <= 1 or name.endswith(".bias") or name in spared)
+        decay = 0.0 if no_decay else solver.WEIGHT_DECAY
+        key = (solver.BASE_LR * scale, decay)
+        groups.setdefault(key, {"params": [], "lr": key[0], "weight_decay": decay})["params"].append(param)
+    return list(groups.values())
+
+
+def _layer_scales(backbone, decay: float) -> dict[int, float]:
+    """id(parameter) -> decay^(L - layer) with timm's grouping of a timm backbone's layers; {} for decay 1."""
+    if decay == 1.0:
+        return {}
+    from timm.optim import param_groups_layer_decay
+
+    groups = param_groups_layer_decay(backbone.model, weight_decay=0.0, layer_decay=decay)
+    return {id(p): float(group["lr_scale"]) for group in groups for p in group["params"]}
 
 
 def lr_factor(cfg, iteration: int) -> float:

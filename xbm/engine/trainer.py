@@ -33,7 +33,7 @@ from .checkpoint import checkpoint_state, resume_training, rng_states, save_trai
 from .nonfinite import NonFiniteGuard, NonFiniteLossError  # noqa: F401 (re-exported: the guard raises it)
 from .performance import check_runtime, compiled, configure_backends, memory_format
 from .setup import build_evaluator, build_training_data, build_training_loader, distributed, log_setup
-from .solver import build_optimizer, build_plateau, build_scheduler
+from .solver import build_optimizer, build_plateau, build_scheduler, parameter_groups
 
 
 class Trainer:
@@ -66,7 +66,7 @@ class Trainer:
         # What training steps call (DDP, compiled); self.model is what is saved and evaluated.
         self.network = compiled(distributed(self.model, self.device, self.world_size), cfg)
         self.objective = build_objective(cfg, self.device)
-        self.optimizer = build_optimizer(cfg, [p for p in self.model.parameters() if p.requires_grad])
+        self.optimizer = build_optimizer(cfg, parameter_groups(cfg, self.model))
         self.plateau = build_plateau(cfg)  # SOLVER.SCHEDULER plateau: a factor stepped by evaluations
         self.scheduler = build_scheduler(cfg, self.optimizer, self.plateau)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)

@@ -190,9 +190,9 @@ def load_backbone_weights(model: nn.Module, state: Mapping[str, torch.Tensor], s
     missing = sorted(k for k in set(expected) - set(given) if not k.endswith("num_batches_tracked"))
     problems = []
     if unexpected:
-        problems.append(f"unexpected keys: {_listing(unexpected)}")
+        problems.append(f"{len(unexpected)} unexpected keys: {_listing(unexpected)}")
     if missing:
-        problems.append(f"missing keys: {_listing(missing)}")
+        problems.append(f"{len(missing)} missing keys: {_listing(missing)}")
     mismatched = []
     for key in sorted(set(given) & set(expected)):
         target_shape = expected[key].shape
@@ -203,7 +203,7 @@ def load_backbone_weights(model: nn.Module, state: Mapping[str, torch.Tensor], s
         elif value.shape != target_shape:
             mismatched.append(f"{key} {tuple(value.shape)} vs {tuple(target_shape)}")
     if mismatched:
-        problems.append(f"shape mismatches (file vs model): {_listing(mismatched)}")
+        problems.append(f"{len(mismatched)} shape mismatches (file vs model): {_listing(mismatched)}")
     if problems:
         raise ValueError(f"{source} does not fit the {type(model).__name__} backbone: " + "; ".join(problems))
     model.load_state_dict(given, strict=False)  # strict=False only for the num_batches_tracked checked above
