@@ -8,13 +8,15 @@ m-per-class sampler, data loading included), with the same loss (contrastive), t
            bare loop does not do either), timed by a hook from step `--warmup` to the end;
   bare:    the step written out here in plain PyTorch (forward, in-batch loss, adapt, enqueue,
            memory loss, backward, optimizer), no checks, no logging.
-Settings: the Glyphs conv net at 32 px, and a ResNet-18 (random weights) at 64 px; batch 16.
+Settings: the Glyphs conv net at 32 px, a ResNet-18 (random weights) at 64 px, and the tiny timm ViT of
+configs/glyphs_vit_xbn.yaml at 32 px (its bare side builds the model with timm.create_model, a linear head
+and F.normalize, without xbm); batch 16.
 Rounds alternate trainer and bare, and the table gives the median time per step of each and the
 ratio of the medians (the goal: trainer <= 1.05 x bare). Run it on an idle machine (load < 1): on a
 busy one both sides slow down, but not always alike.
 
 Usage: python benchmarks/bench_train_step.py [--steps 40] [--warmup 5] [--rounds 3] [--threads 2]
-       [--settings convnet32 resnet18_64] [--root datasets/glyphs]
+       [--settings convnet32 resnet18_64 vit32] [--root datasets/glyphs]
 """
 from __future__ import annotations
 
@@ -41,17 +43,42 @@ from xbm.memory import CrossBatchMemory, MomentMatching  # noqa: E402
 from xbm.modeling import build_model  # noqa: E402
 from xbm.utils.env import seed_everything  # noqa: E402
 
+# setting -> (config file, overrides). vit32: the tiny timm ViT of configs/glyphs_vit_xbn.yaml with the solver
+# of the other rows (Adam, no warm-up, no decay groups), so that both sides run the same optimizer.
 SETTINGS = {
-    "convnet32": ["MODEL.BACKBONE.NAME", "convnet", "INPUT.IMAGE_SIZE", "32"],
-    "resnet18_64": ["MODEL.BACKBONE.NAME", "resnet18", "MODEL.BACKBONE.PRETRAINED", "", "INPUT.IMAGE_SIZE", "64"],
+    "convnet32": ("configs/glyphs_xbn.yaml", ["MODEL.BACKBONE.NAME", "convnet", "INPUT.IMAGE_SIZE", "32"]),
+    "resnet18_64": ("configs/glyphs_xbn.yaml", ["MODEL.BACKBONE.NAME", "resnet18", "MODEL.BACKBONE.PRETRAINED", "",
+                                                "INPUT.IMAGE_SIZE", "64"]),
+    "vit32": ("configs/glyphs_vit_xbn.yaml", ["SOLVER.OPTIMIZER", "adam", "SOLVER.WEIGHT_DECAY", "0",
+                                              "SOLVER.NO_DECAY_NORM_BIAS", "False", "SOLVER.WARMUP_ITERS", "0"]),
 }
 
 
 def config(setting: str, root: str, out: str, steps: int):
-    return load_cfg("configs/glyphs_xbn.yaml", [
+    config_file, overrides = SETTINGS[setting]
+    return load_cfg(config_file, [
         "DATA.ROOT", root, "OUTPUT_DIR", out, "MODEL.DEVICE", "cpu", "XBM.START_ITERATION", "0",
-        "SOLVER.MAX_ITERS", str(steps), "TEST.EVAL_PERIOD", "0", "SOLVER.CHECKPOINT_PERIOD", "0",
-        *SETTINGS[setting]])
+        "SOLVER.MAX_ITERS", str(steps), "TEST.EVAL_PERIOD", "0", "SOLVER.CHECKPOINT_PERIOD", "0", *overrides])
+
+
+class BareTimmModel(torch.nn.Module):
+    """timm's model, a linear head and L2 normalisation, written out without xbm (the ViT row's bare side)."""
+
+    def __init__(self, cfg):
+        import timm
+
+        super().__init__()
+        name = cfg.MODEL.BACKBONE.NAME.split(":", 1)[1]
+        self.net = timm.create_model(name, num_classes=0, **dict(cfg.MODEL.BACKBONE.TIMM.KWARGS))
+        self.fc = torch.nn.Linear(self.net.num_features, cfg.MODEL.HEAD.DIM)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(self.fc(self.net(images)), dim=1)
+
+
+def bare_model(cfg) -> torch.nn.Module:
+    """xbm's model for xbm's own backbones (the loop is what is compared); timm's own for a timm backbone."""
+    return BareTimmModel(cfg) if cfg.MODEL.BACKBONE.NAME.startswith("timm:") else build_model(cfg)
 
 
 class StepTimer(hooks.HookBase):
@@ -79,7 +106,7 @@ def time_trainer(cfg, warmup: int) -> float:
 def time_bare(cfg, warmup: int) -> float:
     seed_everything(cfg.SOLVER.SEED)
     data = build_dataset(cfg, "train", build_transforms(cfg, train=True))
-    model = build_model(cfg)
+    model = bare_model(cfg)
     loss_fn = build_loss(cfg)
     memory = CrossBatchMemory(cfg.XBM.SIZE, cfg.MODEL.HEAD.DIM, check_finite=False)
     adapter = MomentMatching()

@@ -95,6 +95,9 @@ CASES = {
             [["loss/inbatch", "loss/total"]] + [["loss/inbatch", "loss/memory", "loss/total"]] * 2),
     # AXBN with the memory loss only: step 1 has no loss (no backward), then the memory term alone
     "axbn": ("configs/glyphs_axbn.yaml", ["LOSS.INBATCH_WEIGHT", "0.0"], [[]] + [["loss/memory", "loss/total"]] * 2),
+    # A timm ViT (LayerNorm: images one by one, so no frozen statistics are needed) with XBN
+    "vit_xbn": ("tests/fixtures/tiny_vit_xbn.yaml", [],
+                [["loss/inbatch", "loss/total"]] + [["loss/inbatch", "loss/memory", "loss/total"]] * 2),
 }
 
 

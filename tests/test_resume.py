@@ -22,20 +22,23 @@ def _opts(root, out, *extra):
     ]
 
 
-def _train_command(root, out, *extra):
-    return [sys.executable, "tools/train_net.py", "--cfg", "configs/glyphs_axbn.yaml", *_opts(root, out, *extra)]
+def _train_command(root, out, *extra, config="configs/glyphs_axbn.yaml"):
+    return [sys.executable, "tools/train_net.py", "--cfg", config, *_opts(root, out, *extra)]
 
 
+# The conv net with AXBN, and a timm ViT (no BatchNorm; AdamW with its decay groups) with XBN.
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_weights_memory_and_metrics(glyph_root, tmp_path):
+@pytest.mark.parametrize("config", ["configs/glyphs_axbn.yaml", "tests/fixtures/tiny_vit_xbn.yaml"])
+def test_killed_run_resumes_to_the_same_weights_memory_and_metrics(glyph_root, tmp_path, config):
     common = ("SOLVER.MAX_ITERS", "60", "SOLVER.CHECKPOINT_PERIOD", "10")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # same thread count in every process: same sums
     reference = tmp_path / "reference"
-    subprocess.run(_train_command(glyph_root, reference, *common), check=True, env=env, capture_output=True)
+    subprocess.run(_train_command(glyph_root, reference, *common, config=config), check=True, env=env,
+                   capture_output=True)
 
     killed = tmp_path / "killed"
     checkpoint = killed / "checkpoints" / "last.pth"
-    proc = subprocess.Popen(_train_command(glyph_root, killed, *common), env=env,
+    proc = subprocess.Popen(_train_command(glyph_root, killed, *common, config=config), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
@@ -45,7 +48,7 @@ def test_killed_run_resumes_to_the_same_weights_memory_and_metrics(glyph_root, t
     saved_at = load_checkpoint(str(checkpoint))["iteration"]
     assert 10 <= saved_at < 60, "the run was not interrupted mid-way"
 
-    subprocess.run([*_train_command(glyph_root, killed, *common), "--resume", "auto"],
+    subprocess.run([*_train_command(glyph_root, killed, *common, config=config), "--resume", "auto"],
                    check=True, env=env, capture_output=True)
     a = load_checkpoint(str(reference / "checkpoints" / "last.pth"))
     b = load_checkpoint(str(checkpoint))

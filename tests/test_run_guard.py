@@ -33,8 +33,8 @@ def _opts(root, out, *extra):
     ]
 
 
-def _command(root, out, *extra):
-    return [sys.executable, "tools/train_net.py", "--cfg", "configs/glyphs_axbn.yaml", *_opts(root, out, *extra)]
+def _command(root, out, *extra, config="configs/glyphs_axbn.yaml"):
+    return [sys.executable, "tools/train_net.py", "--cfg", config, *_opts(root, out, *extra)]
 
 
 def _wait_for(path, proc, seconds=180):
@@ -285,16 +285,19 @@ def test_first_signal_asks_to_stop_a_repeat_is_the_same_request_a_later_one_exit
     assert StopSignals.requested() is None
 
 
+# The conv net with AXBN; a timm ViT with XBN (heavy: the kill -9 test of test_resume.py runs it in make test).
 @pytest.mark.slow
-def test_sigterm_saves_stops_with_75_and_the_resumed_run_equals_an_uninterrupted_one(glyph_root, tmp_path):
+@pytest.mark.parametrize("config", ["configs/glyphs_axbn.yaml",
+                                    pytest.param("tests/fixtures/tiny_vit_xbn.yaml", marks=pytest.mark.heavy)])
+def test_sigterm_saves_stops_with_75_and_the_resumed_run_equals_an_uninterrupted_one(glyph_root, tmp_path, config):
     common = ("SOLVER.MAX_ITERS", "40", "SOLVER.CHECKPOINT_PERIOD", "10", "TEST.EVAL_PERIOD", "20")
     reference = tmp_path / "reference"
-    subprocess.run(_command(glyph_root, reference, *common), env=ENV, check=True, capture_output=True)
+    subprocess.run(_command(glyph_root, reference, *common, config=config), env=ENV, check=True, capture_output=True)
 
     out = tmp_path / "stopped"
     # Its own session, signalled as a whole, as SLURM signals every process of a job (here the
     # DataLoader worker too, which must not take the run down).
-    proc = subprocess.Popen(_command(glyph_root, out, *common, "DATA.NUM_WORKERS", "1"), env=ENV,
+    proc = subprocess.Popen(_command(glyph_root, out, *common, "DATA.NUM_WORKERS", "1", config=config), env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     _wait_for(out / "checkpoints" / "last.pth", proc)
     os.killpg(proc.pid, signal.SIGTERM)
@@ -305,7 +308,7 @@ def test_sigterm_saves_stops_with_75_and_the_resumed_run_equals_an_uninterrupted
     assert 10 <= stopped_at < 40
     line = stdout.strip().splitlines()[-1]
     assert line.startswith(f"stopped at iteration {stopped_at}; continue with: ")
-    assert f" --cfg configs/glyphs_axbn.yaml OUTPUT_DIR {out} DATA.ROOT " in line
+    assert f" --cfg {config} OUTPUT_DIR {out} DATA.ROOT " in line
     assert line.endswith("SOLVER.MAX_ITERS 40 SOLVER.CHECKPOINT_PERIOD 10 TEST.EVAL_PERIOD 20 DATA.NUM_WORKERS 1 --resume")
     assert not (out / LOCK_NAME).exists()
 

@@ -57,9 +57,11 @@ def test_training_writes_every_output_and_the_loss_falls(glyph_root, tmp_path, c
 
 
 @pytest.mark.slow
-def test_eval_tool_reads_the_checkpoint(glyph_root, tmp_path, capsys):
+@pytest.mark.parametrize("config", ["configs/glyphs_xbn.yaml", "tests/fixtures/tiny_vit_xbn.yaml"])
+def test_eval_tool_reads_the_checkpoint(glyph_root, tmp_path, capsys, config):
     out = tmp_path / "run"
-    train_main(_run_opts(glyph_root, out, "SOLVER.MAX_ITERS", "5", "TEST.EVAL_PERIOD", "0"))
+    opts = _run_opts(glyph_root, out, "SOLVER.MAX_ITERS", "5", "TEST.EVAL_PERIOD", "0")
+    train_main([config if opt == "configs/glyphs_xbn.yaml" else opt for opt in opts])
     logged = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     report = tmp_path / "report"
     assert eval_main(["--ckpt", str(out / "checkpoints" / "*.pth"), "--out", str(report), "--export", "test"]) == 0
