@@ -15,6 +15,16 @@ from PIL import Image
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
+# The resize filters `preprocess` replays, by the name a described step records.
+_PIL_FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+
+
+def _interpolation_names() -> dict:
+    from torchvision import transforms as T
+
+    return {T.InterpolationMode.BILINEAR: "bilinear", T.InterpolationMode.BICUBIC: "bicubic"}
+
+
 class ImageInputError(ValueError):
     """An image file or folder that cannot be used (the message names it)."""
 
@@ -55,9 +65,9 @@ def load_image(path: str) -> Image.Image:
 def describe_transform(transform) -> list[dict]:
     """The steps of a test transform built by build_transforms, as JSON-ready dicts.
 
-    Known steps: ToRGB, Resize (an int: shorter side; a pair: exact size), CenterCrop and the
-    final BackboneInput (channel order, value range, mean/std). Anything else (random
-    augmentation) has no fixed replay and is refused.
+    Known steps: ToRGB, Resize (an int: shorter side; a pair: exact size; bilinear, or bicubic recorded
+    as "interpolation": "bicubic"), CenterCrop and the final BackboneInput (channel order, value range, mean/std).
+    Anything else (random augmentation) has no fixed replay and is refused.
     """
     from torchvision import transforms as T
 
@@ -68,13 +78,21 @@ def describe_transform(transform) -> list[dict]:
         if isinstance(step, ToRGB):
             steps.append({"op": "to_rgb"})
         elif isinstance(step, T.Resize):
-            if step.interpolation != T.InterpolationMode.BILINEAR or step.max_size is not None:
-                raise ValueError(f"cannot describe {step!r}: only bilinear resizing without max_size is replayed")
+            interpolation = _interpolation_names().get(step.interpolation)
+            if interpolation is None or step.max_size is not None:
+                raise ValueError(f"cannot describe {step!r}: only bilinear or bicubic resizing without max_size "
+                                 "is replayed")
             size = step.size
             if isinstance(size, int) or len(size) == 1:
-                steps.append({"op": "resize_shorter", "size": int(size if isinstance(size, int) else size[0])})
+                described = {"op": "resize_shorter", "size": int(size if isinstance(size, int) else size[0])}
             else:
-                steps.append({"op": "resize", "height": int(size[0]), "width": int(size[1])})
+                described = {"op": "resize", "height": int(size[0]), "width": int(size[1])}
+            # Bilinear is the default of a step without the field, the only resize sidecars and index
+            # manifests held before the field existed: its steps stay as they were, so that an index built
+            # then still matches its model's steps (gallery.check_same_model compares them as data).
+            if interpolation != "bilinear":
+                described["interpolation"] = interpolation
+            steps.append(described)
         elif isinstance(step, T.CenterCrop):
             steps.append({"op": "center_crop", "height": int(step.size[0]), "width": int(step.size[1])})
         elif isinstance(step, BackboneInput):
@@ -106,7 +124,16 @@ def input_summary(steps: list[dict], image_size: int) -> dict:
     }
 
 
-def _resize_shorter(image: Image.Image, size: int) -> Image.Image:
+def _resample(step: dict) -> int:
+    """The PIL filter of a resize step: torchvision's Resize of a PIL image calls PIL's resize with it. Steps
+    written before the field existed (only bilinear was described then) have no "interpolation"."""
+    name = step.get("interpolation", "bilinear")
+    if name not in _PIL_FILTERS:
+        raise ValueError(f"unknown interpolation {name!r} in a resize step (known: {', '.join(_PIL_FILTERS)})")
+    return _PIL_FILTERS[name]
+
+
+def _resize_shorter(image: Image.Image, size: int, resample: int = Image.BILINEAR) -> Image.Image:
     # torchvision's rule for Resize(int): the shorter side becomes `size`, the longer one
     # int(size * long / short), truncated.
     width, height = image.size
@@ -115,7 +142,7 @@ def _resize_shorter(image: Image.Image, size: int) -> Image.Image:
     new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
     if (new_w, new_h) == (width, height):
         return image
-    return image.resize((new_w, new_h), Image.BILINEAR)
+    return image.resize((new_w, new_h), resample)
 
 
 def _center_crop(image: Image.Image, height: int, width: int) -> Image.Image:
@@ -133,11 +160,11 @@ def preprocess(image: Image.Image, steps: list[dict]) -> np.ndarray:
         if op == "to_rgb":
             image = image.convert("RGB")
         elif op == "resize_shorter":
-            image = _resize_shorter(image, int(step["size"]))
+            image = _resize_shorter(image, int(step["size"]), _resample(step))
         elif op == "resize":
             size = (int(step["width"]), int(step["height"]))
             if image.size != size:
-                image = image.resize(size, Image.BILINEAR)
+                image = image.resize(size, _resample(step))
         elif op == "center_crop":
             image = _center_crop(image, int(step["height"]), int(step["width"]))
         elif op == "normalize":

@@ -18,7 +18,7 @@ except ImportError:  # Windows
     fcntl = None
 
 from ..glyphs import GENERATOR_VERSION, LIST_FILES, META_FILE, generate_glyphs
-from ..transforms import InputConvention, ToRGB, input_geometry
+from ..transforms import INTERPOLATIONS, InputConvention, ToRGB, input_geometry
 from .base import ImageListDataset, Record
 from .build import DATASET_REGISTRY
 from .list_dataset import read_path_label_list
@@ -77,11 +77,12 @@ class Glyphs(ImageListDataset):
 
     @classmethod
     def transform_steps(cls, cfg, train: bool) -> list:
-        """No augmentation: RGB, and a resize only when INPUT.IMAGE_SIZE differs from DATA.GLYPHS.IMAGE_SIZE."""
-        size = input_geometry(cfg).size
+        """No augmentation: RGB, and a resize (INPUT.INTERPOLATION, "" = the backbone's) only when INPUT.IMAGE_SIZE
+        differs from DATA.GLYPHS.IMAGE_SIZE."""
+        geometry = input_geometry(cfg)
         steps = [ToRGB()]
-        if size != int(cfg.DATA.GLYPHS.IMAGE_SIZE):
-            steps.append(T.Resize((size, size)))
+        if geometry.size != int(cfg.DATA.GLYPHS.IMAGE_SIZE):
+            steps.append(T.Resize((geometry.size, geometry.size), interpolation=INTERPOLATIONS[geometry.interpolation]))
         return steps
 
     def source_hint(self) -> str:
