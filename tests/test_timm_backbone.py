@@ -321,3 +321,26 @@ def test_layer_decay_scales_are_timms():
     assert groups["backbone.model.patch_embed.proj.weight"][0] == pytest.approx(0.1 * 0.5 ** blocks)
     assert groups["backbone.model.blocks.0.attn.qkv.weight"][0] == pytest.approx(0.1 * 0.5 ** (blocks - 1))
     assert groups["backbone.model.norm.weight"][0] == pytest.approx(0.1)
+
+
+def test_tools_reading_a_checkpoint_never_read_the_initial_weights(tmp_path, monkeypatch):
+    """xbm-eval / xbm-index on a machine whose Hugging Face cache lacks the hub weights the run started from:
+    the checkpoint holds every weight, so the initial ones are neither read nor downloaded."""
+    import huggingface_hub
+
+    from xbm.engine.evaluation_tool import config_of_checkpoint
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", _no_download)
+    cfg = _cfg(TINY, "MODEL.BACKBONE.PRETRAINED", "hub")
+    with pytest.raises(PretrainedWeightsError):
+        build_model(cfg)  # training from it needs the cache
+    torch.manual_seed(0)
+    trained = build_model(_cfg(TINY))
+    path = tmp_path / "last.pth"
+    torch.save({"iteration": 7, "config": cfg.dump(), "model": trained.state_dict()}, path)
+    read = config_of_checkpoint(str(path))
+    assert read.MODEL.BACKBONE.PRETRAINED == "" and read.MODEL.BACKBONE.NAME == TINY
+    model = build_model(read)
+    model.load_state_dict(torch.load(path, weights_only=True)["model"])
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), trained.state_dict().values()))

@@ -16,6 +16,8 @@ RESUMABLE_CHANGES = (
     "SOLVER.MAX_NONFINITE_STEPS", "DATA.PERSISTENT_WORKERS", "DATA.PREFETCH_FACTOR", "DATA.UINT8_TRANSFER",
     "PERF.CUDNN_BENCHMARK", "PERF.TF32", "PERF.CHANNELS_LAST", "PERF.COMPILE", "PERF.DETERMINISTIC",
     "DRIFT.MEMORY_PROBE", "DRIFT.MEMORY_INTERVAL", "DRIFT.MEMORY_SAMPLES",
+    # timm backbones: whether missing weights may be downloaded; two ways of computing the same values
+    "MODEL.BACKBONE.TIMM.HUB_DOWNLOAD", "MODEL.BACKBONE.TIMM.FUSED_ATTN", "MODEL.BACKBONE.TIMM.GRAD_CHECKPOINTING",
 )
 
 # Keys read only when XBM.ENABLE is True (a key ending with "." covers its whole sub-tree).

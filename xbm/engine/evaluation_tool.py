@@ -25,8 +25,19 @@ def config_of_checkpoint(path: str, opts: list[str] | None = None, cfg_file: str
     if cfg_file:
         cfg = load_cfg(cfg_file, opts, check=False)
         _check_same_dataset(path, saved_config, cfg, cfg_file, opts)
-        return cfg
-    return load_cfg(opts=opts, check=False, base_yaml=saved_config)
+    else:
+        cfg = load_cfg(opts=opts, check=False, base_yaml=saved_config)
+    return without_pretrained_weights(cfg)
+
+
+def without_pretrained_weights(cfg: CfgNode) -> CfgNode:
+    """`cfg` with MODEL.BACKBONE.PRETRAINED "": the checkpoint holds every weight, so building its model must
+    not read (or, with imagenet, download) the initial weights, which another machine may not have."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.BACKBONE.PRETRAINED = ""
+    cfg.freeze()
+    return cfg
 
 
 def _check_same_dataset(path: str, saved_config: str, cfg: CfgNode, cfg_file: str, opts) -> None:
