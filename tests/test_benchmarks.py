@@ -64,3 +64,12 @@ def test_bench_train_throughput_times_each_setting_against_fp32():
     fp32, amp = (float(rate) for _, _, rate, _ in rows)
     # the printed rates are rounded to 0.1 image/s, the ratio is computed before rounding
     assert float(rows[0][3]) == 1.0 and float(rows[1][3]) == pytest.approx(amp / fp32, rel=0.05, abs=0.01)
+
+
+def test_bench_undo_quick_times_the_three_undo_versions():
+    out = run_benchmark("bench_undo.py", "--quick", "--repeats", "1", "--threads", "1")
+    (row,) = re.findall(r"^\| 64 \| 8,192 \| 128 \| (.*) \|$", out, re.M)
+    cells = [float(c) for c in row.split(" | ")]
+    times, ratios = cells[:3], cells[3:]  # xbn step, + undo, + full copy; then the last two over the first
+    assert len(ratios) == 2 and all(t > 0 for t in times)
+    assert ratios == pytest.approx([t / times[0] for t in times[1:]], rel=0.1, abs=0.02)

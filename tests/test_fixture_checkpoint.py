@@ -101,7 +101,7 @@ def test_the_old_checkpoint_resumes_with_the_memory_probe_switched_on(run_folder
     trainer = _resume(AT_6, "probed", "DRIFT.MEMORY_PROBE", "True", "DRIFT.MEMORY_INTERVAL", "2")
     memory, old = trainer.objective.memory, load_checkpoint(str(AT_10))
     # 4 steps x 8 images into 36 slots: 32 entries of known items, 4 left from the old checkpoint
-    assert int((memory.item_ids == -1).sum()) == 4 and int((memory.item_ids >= 0).sum()) == 32
+    assert int((memory.items.item_ids == -1).sum()) == 4 and int((memory.items.item_ids >= 0).sum()) == 32
     torch.testing.assert_close(memory.feats, old["memory"]["feats"], rtol=0, atol=ATOL)
     lines = [json.loads(line) for line in Path("probed/drift.jsonl").read_text().splitlines()]
     assert [line["iteration"] for line in lines if "memory_drift/cosine_stored" in line] == [8, 10]

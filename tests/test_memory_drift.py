@@ -34,21 +34,21 @@ def test_item_tracking_follows_the_ring_and_ignores_adaptation():
     ages = memory.slot_ages()
     for slot in range(10):
         item, row = newest_first[int(ages[slot])]
-        assert int(memory.item_ids[slot]) == item
-        assert torch.equal(memory.enqueued_feats[slot], row)  # adaptation rewrote feats, not this copy
-    assert not torch.equal(memory.feats, memory.enqueued_feats)
-    assert memory.item_ids[memory.newest_slots(3)].tolist() == [400, 401, 402]
+        assert int(memory.items.item_ids[slot]) == item
+        assert torch.equal(memory.items.enqueued_feats[slot], row)  # adaptation rewrote feats, not this copy
+    assert not torch.equal(memory.feats, memory.items.enqueued_feats)
+    assert memory.items.item_ids[memory.newest_slots(3)].tolist() == [400, 401, 402]
     assert memory.nbytes == 2 * (10 * DIM * 4 + 10 * 8)
 
 
 def test_unknown_items_and_bad_ids():
     memory = _tracked_memory()
     memory.enqueue(torch.ones(2, DIM), torch.zeros(2, dtype=torch.int64))  # no ids: unknown
-    assert memory.item_ids[:2].tolist() == [-1, -1]
+    assert memory.items.item_ids[:2].tolist() == [-1, -1]
     with pytest.raises(ValueError, match="one id per row"):
         memory.enqueue(torch.ones(2, DIM), torch.zeros(2, dtype=torch.int64), torch.arange(3))
     memory.reset()
-    assert (memory.item_ids == -1).all() and len(memory) == 0
+    assert (memory.items.item_ids == -1).all() and len(memory) == 0
 
 
 def test_undo_restores_the_item_rows():
@@ -71,10 +71,10 @@ def test_tracked_and_untracked_states_load_into_each_other():
     assert torch.equal(plain.feats, tracked.feats) and len(plain) == 4
     again = _tracked_memory()
     again.load_state_dict(plain.state_dict())  # ...and on: the loaded entries are of unknown items
-    assert (again.item_ids == -1).all() and torch.equal(again.enqueued_feats, plain.feats)
+    assert (again.items.item_ids == -1).all() and torch.equal(again.items.enqueued_feats, plain.feats)
     roundtrip = _tracked_memory()
     roundtrip.load_state_dict(tracked.state_dict())
-    assert torch.equal(roundtrip.item_ids, tracked.item_ids)
+    assert torch.equal(roundtrip.items.item_ids, tracked.items.item_ids)
 
 
 class IndexImages(torch.utils.data.Dataset):
@@ -124,7 +124,7 @@ def test_probe_cosines_match_numpy_on_embeddings_set_by_hand():
     stored, enqueued, ages = [], [], []
     newest_ids = [6, 7]
     for slot in range(10):
-        item = int(memory.item_ids[slot])
+        item = int(memory.items.item_ids[slot])
         if item < 0:
             continue
         stored.append(_cos(memory.feats[slot].double().numpy(), now_table[item]))
@@ -185,7 +185,7 @@ def test_probe_leaves_the_training_bit_identical_and_logs_each_interval(glyph_ro
         assert line[SAMPLED_KEY] == 32 and 0 <= line[AGE_KEY] < 64 / 16
         assert line[STORED_KEY] != line[ENQUEUED_KEY]  # XBN rewrote the stored entries
     memory = probed.objective.memory
-    ids = memory.item_ids[:len(memory)]
+    ids = memory.items.item_ids[:len(memory)]
     assert (ids >= 0).all() and int(ids.max()) < len(probed.train_set)
     # every stored label is its item's label in the training subset
     assert memory.labels[:len(memory)].tolist() == [int(probed.train_set.labels[i]) for i in ids.tolist()]

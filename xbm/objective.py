@@ -20,13 +20,13 @@ to the model and the optimizer is enough to continue a run exactly.
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
 
 from .losses import build_loss
-from .memory import build_adapter, build_memory
+from .memory import MemoryAdapter, as_memory_adapter, build_adapter, build_memory
 from .memory.cross_batch_memory import CrossBatchMemory, UndoPoint
 from .utils.distributed import all_gather_batch, all_gather_with_grad, get_rank, get_world_size
 
@@ -48,8 +48,9 @@ class CrossBatchObjective(nn.Module):
         loss: a pair loss of `xbm.losses` (or any module with the same call signature:
             `loss(anchors, labels, ref_embeddings, ref_labels, ref_self_index=...)`).
         memory: the cross-batch memory, or None for the in-batch loss alone.
-        adapter: rewrites the stored embeddings before each enqueue (`xbm.memory`'s
-            MomentMatching is XBN, KalmanMomentMatching AXBN); None keeps them as stored (XBM).
+        adapter: rewrites the stored embeddings before each enqueue (a `xbm.memory.MemoryAdapter`:
+            MomentMatching is XBN, KalmanMomentMatching AXBN; a plain callable is wrapped); None
+            keeps them as stored (XBM).
         inbatch_weight / memory_weight: the two terms' weights (0 drops a term).
         start_iteration: the first iteration whose loss includes the memory term.
         fill_from: "iteration_0" fills the memory from the first call on (the official code);
@@ -58,7 +59,8 @@ class CrossBatchObjective(nn.Module):
             synchronisation each). The trainer checks finiteness itself, once per step.
     """
 
-    def __init__(self, loss: nn.Module, memory: CrossBatchMemory | None = None, adapter: Any = None, *,
+    def __init__(self, loss: nn.Module, memory: CrossBatchMemory | None = None,
+                 adapter: MemoryAdapter | Callable | None = None, *,
                  inbatch_weight: float = 1.0, memory_weight: float = 1.0, start_iteration: int = 0,
                  fill_from: str = "iteration_0", check_values: bool = True) -> None:
         super().__init__()
@@ -68,7 +70,7 @@ class CrossBatchObjective(nn.Module):
             raise ValueError("an adapter needs a memory to adapt")
         self.loss = loss
         self.memory = memory
-        self.adapter = adapter
+        self.adapter = as_memory_adapter(adapter)
         self.inbatch_weight = float(inbatch_weight)
         self.memory_weight = float(memory_weight)
         self.start_iteration = int(start_iteration)

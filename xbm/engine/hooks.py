@@ -160,9 +160,8 @@ class MetricWriter(HookBase):
         memory = trainer.objective.memory
         if memory is not None:
             values["memory/fill"] = len(memory) / memory.size
-        gain = getattr(trainer.objective.adapter, "gain", None)  # AXBN's Kalman gain
-        if gain is not None:
-            values["memory/kalman_gain"] = gain
+        if trainer.objective.adapter is not None:
+            values.update({f"memory/{k}": v for k, v in trainer.objective.adapter.log_values().items()})
         for name, value in values.items():
             trainer.writer.add_scalar(name, value, trainer.iteration)
         if "loss/total" in values:

@@ -45,8 +45,8 @@ def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def known_slots(memory: CrossBatchMemory) -> torch.Tensor:
     """The valid slots whose item is known (entries loaded from an untracked checkpoint are not)."""
-    valid = torch.arange(len(memory), device=memory.item_ids.device)
-    return valid[memory.item_ids[valid] >= 0]
+    valid = torch.arange(len(memory), device=memory.items.item_ids.device)
+    return valid[memory.items.item_ids[valid] >= 0]
 
 
 class MemoryProbe:
@@ -100,18 +100,18 @@ class MemoryProbe:
         if len(slots) == 0:
             return None
         newest = memory.newest_slots(self.global_batch).cpu()
-        newest = newest[memory.item_ids[newest.to(memory.item_ids.device)].cpu() >= 0]
+        newest = newest[memory.items.item_ids[newest.to(memory.items.item_ids.device)].cpu() >= 0]
         measured = torch.cat((slots, newest))  # one pass through the network for both
         device = memory.feats.device
-        fresh = self.embed_items(model, memory.item_ids[measured.to(device)].cpu())
+        fresh = self.embed_items(model, memory.items.item_ids[measured.to(device)].cpu())
         fresh_sample, fresh_newest = fresh[:len(slots)], fresh[len(slots):]
         on_device = slots.to(device)
         ages = (memory.slot_ages()[on_device] // self.global_batch).double()  # whole iterations
         results = {STORED_KEY: mean_cosine(memory.feats[on_device], fresh_sample),
-                   ENQUEUED_KEY: mean_cosine(memory.enqueued_feats[on_device], fresh_sample),
+                   ENQUEUED_KEY: mean_cosine(memory.items.enqueued_feats[on_device], fresh_sample),
                    AGE_KEY: float(ages.mean()), SAMPLED_KEY: float(len(slots))}
         if len(newest):
-            results[NEWEST_KEY] = mean_cosine(memory.enqueued_feats[newest.to(device)], fresh_newest)
+            results[NEWEST_KEY] = mean_cosine(memory.items.enqueued_feats[newest.to(device)], fresh_newest)
         return results
 
     def step(self, model: torch.nn.Module, memory: CrossBatchMemory, iteration: int) -> dict | None:

@@ -2,6 +2,7 @@
 
 from .adaptation import (EMAMomentMatching, KalmanMomentMatching, MomentMatching, kalman_r_for_gain,
                          kalman_steady_gain, moment_match)
+from .adapter import CallableAdapter, MemoryAdapter, as_memory_adapter
 from .build import ADAPTER_REGISTRY, build_adapter, build_memory
 from .cohort_matching import CohortMomentMatching
 from .covariance_matching import CovarianceMatching
@@ -9,6 +10,9 @@ from .cross_batch_memory import CrossBatchMemory
 
 __all__ = [
     "CrossBatchMemory",
+    "MemoryAdapter",
+    "CallableAdapter",
+    "as_memory_adapter",
     "moment_match",
     "MomentMatching",
     "KalmanMomentMatching",

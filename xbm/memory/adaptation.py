@@ -8,20 +8,21 @@ dataset moments; the EMA variant filters them with a constant gain.
 
 All statistics are computed in float32 (float64 inputs stay float64), whatever the
 storage dtype, and the result is returned in the memory's dtype. Each adapter is a
-callable ``adapter(memory_feats, batch_feats) -> adapted`` (a new tensor) with an
-in-place twin ``adapter.apply_(memory_feats, batch_feats)``; one call of either is one
-step of the adapter's filter.
+`MemoryAdapter` (xbm/memory/adapter.py): ``adapter(memory_feats, batch_feats)`` returns the
+adapted memory as a new tensor, ``adapter.apply_`` writes it in place and ``adapter.adapt_into``
+into a given tensor; one call of any is one step of the adapter's filter.
 """
 
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from typing import Any
 
 import torch
 from yacs.config import CfgNode
 
+from .adapter import MemoryAdapter
 from .build import ADAPTER_REGISTRY
 
 # Elements per chunk of the squared-deviation pass: on CPU 8 MB of float32 stays in a
@@ -110,7 +111,7 @@ def moment_match(memory_feats: torch.Tensor, batch_feats: torch.Tensor, eps: flo
     return _apply_affine(memory_feats, torch.empty_like(memory_feats), scale, shift, False)
 
 
-class _MomentAdapter(ABC):
+class _MomentAdapter(MemoryAdapter):
     """Shared machinery: subclasses choose the target moments from the batch moments."""
 
     def __init__(self, eps: float, renormalize: bool) -> None:
@@ -138,17 +139,12 @@ class _MomentAdapter(ABC):
         return _affine(mem_mean, mem_std, target_mean, target_std, self.eps)
 
     @torch.no_grad()
-    def __call__(self, memory_feats: torch.Tensor, batch_feats: torch.Tensor) -> torch.Tensor:
-        """One adaptation step; returns the adapted memory as a new tensor (memory's dtype)."""
+    def adapt_into(self, memory_feats: torch.Tensor, batch_feats: torch.Tensor, out: torch.Tensor,
+                   ages: torch.Tensor | None = None) -> None:
+        """One adaptation step written into ``out`` (``memory_feats`` itself for in place): the moments
+        are taken before the single fused pass writes."""
         scale, shift = self._scale_shift(memory_feats, batch_feats)
-        out = torch.empty_like(memory_feats)
-        return _apply_affine(memory_feats, out, scale, shift, self.renormalize)
-
-    @torch.no_grad()
-    def apply_(self, memory_feats: torch.Tensor, batch_feats: torch.Tensor) -> torch.Tensor:
-        """One adaptation step written into ``memory_feats`` (no memory-sized temporary)."""
-        scale, shift = self._scale_shift(memory_feats, batch_feats)
-        return _apply_affine(memory_feats, memory_feats, scale, shift, self.renormalize)
+        _apply_affine(memory_feats, out, scale, shift, self.renormalize)
 
     def reset(self) -> None:
         """Forget the filter state (the next call starts from the batch moments)."""
@@ -288,6 +284,9 @@ class KalmanMomentMatching(_FilteredMomentAdapter):
         super().load_state_dict(state)
         self.p = float(state["p"])
         self.gain = None if state["gain"] is None else float(state["gain"])
+
+    def log_values(self) -> dict[str, float]:
+        return {} if self.gain is None else {"kalman_gain": self.gain}
 
     def extra_repr(self) -> str:
         return f"q={self.q}, p0={self.p0}, r={self.r}, interval={self.interval}, " + super().extra_repr()

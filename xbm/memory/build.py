@@ -1,8 +1,8 @@
 """Factories that turn the XBM section of the config into a memory and an adapter.
 
-Adapters come from ADAPTER_REGISTRY: a builder `cfg -> adapter or None` per XBM.ADAPT.NAME, registered
-where the adapter is defined (adaptation.py); an adapter defined outside xbm registers itself the same
-way (README, Extending xbm).
+Adapters come from ADAPTER_REGISTRY: a builder `cfg -> MemoryAdapter (or a plain callable) or None` per
+XBM.ADAPT.NAME, registered where the adapter is defined (adaptation.py); an adapter defined outside xbm
+registers itself the same way (README, Extending xbm).
 """
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ import torch
 from yacs.config import CfgNode
 
 from ..utils.registry import Registry
-from .cross_batch_memory import Adapter, CrossBatchMemory
+from .adapter import MemoryAdapter, as_memory_adapter
+from .cross_batch_memory import CrossBatchMemory
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
-ADAPTER_REGISTRY: Registry[Callable[[CfgNode], Adapter | None]] = Registry("memory adapter", "XBM.ADAPT.NAME")
+ADAPTER_REGISTRY: Registry[Callable[[CfgNode], MemoryAdapter | Callable | None]] = Registry("memory adapter", "XBM.ADAPT.NAME")
 
 
 @ADAPTER_REGISTRY.register("none")
@@ -47,6 +48,7 @@ def build_memory(cfg: CfgNode, device: torch.device | str = "cpu", check_finite:
     )
 
 
-def build_adapter(cfg: CfgNode) -> Adapter | None:
-    """The memory adapter named by XBM.ADAPT.NAME, built by its registered builder; None for none."""
-    return ADAPTER_REGISTRY.get(cfg.XBM.ADAPT.NAME)(cfg)
+def build_adapter(cfg: CfgNode) -> MemoryAdapter | None:
+    """The memory adapter named by XBM.ADAPT.NAME, built by its registered builder (a plain callable it
+    returns is wrapped as a MemoryAdapter); None for none."""
+    return as_memory_adapter(ADAPTER_REGISTRY.get(cfg.XBM.ADAPT.NAME)(cfg))

@@ -41,14 +41,11 @@ class CohortMomentMatching(MomentMatching):
         return (ages * self.groups).div(capacity, rounding_mode="floor").clamp_max(self.groups - 1)
 
     @torch.no_grad()
-    def __call__(self, memory_feats: torch.Tensor, batch_feats: torch.Tensor, ages: torch.Tensor) -> torch.Tensor:
-        return self.apply_(memory_feats.clone(), batch_feats, ages)
-
-    @torch.no_grad()
-    def apply_(self, memory_feats: torch.Tensor, batch_feats: torch.Tensor, ages: torch.Tensor | None = None
-               ) -> torch.Tensor:
-        """One adaptation step written into ``memory_feats``; `ages` as CrossBatchMemory.slot_ages gives
-        them for the valid rows."""
+    def adapt_into(self, memory_feats: torch.Tensor, batch_feats: torch.Tensor, out: torch.Tensor,
+                   ages: torch.Tensor | None = None) -> None:
+        """One adaptation step written into ``out`` (``memory_feats`` itself for in place); `ages` as
+        CrossBatchMemory.slot_ages gives them for the valid rows. Cohorts are disjoint, so each is read
+        before it is written."""
         _check_pair(memory_feats, batch_feats)
         if ages is None or ages.shape != (memory_feats.shape[0],):
             raise ValueError("xbn_age needs the age of every memory row (CrossBatchMemory.adapt_ passes them)")
@@ -57,15 +54,16 @@ class CohortMomentMatching(MomentMatching):
         target_mean, target_std = self._target_moments(batch_mean, batch_std, batch_feats.shape[0])
         self.calls += 1
         cohort = self.cohorts(ages.to(memory_feats.device), memory_feats.shape[0])
+        in_place = out.data_ptr() == memory_feats.data_ptr()
         for group in range(self.groups):
             rows = torch.nonzero(cohort == group).squeeze(1)
-            if len(rows) < 2:
-                continue
             members = memory_feats[rows]
-            mean, std = _moments(members, dtype)
-            scale, shift = _affine(mean, std, target_mean, target_std, self.eps)
-            memory_feats[rows] = _apply_affine(members, members, scale, shift, self.renormalize)
-        return memory_feats
+            if len(rows) >= 2:
+                mean, std = _moments(members, dtype)
+                scale, shift = _affine(mean, std, target_mean, target_std, self.eps)
+                out[rows] = _apply_affine(members, members, scale, shift, self.renormalize)
+            elif not in_place:
+                out[rows] = members  # too small a cohort is left as it is
 
     def extra_repr(self) -> str:
         return f"groups={self.groups}, " + super().extra_repr()

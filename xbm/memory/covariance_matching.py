@@ -25,6 +25,7 @@ import torch
 from yacs.config import CfgNode
 
 from .adaptation import _check_pair, _stats_dtype
+from .adapter import MemoryAdapter
 from .build import ADAPTER_REGISTRY
 
 # Rows per chunk of the memory-sized passes: bounds the temporaries to a few MB.
@@ -50,7 +51,7 @@ def _symmetric_power(matrix: torch.Tensor, power: float, ridge: float = 0.0) -> 
     return (vectors * values.pow(power)) @ vectors.T
 
 
-class CovarianceMatching:
+class CovarianceMatching(MemoryAdapter):
     """xbn_full: the memory's mean and covariance mapped to the batch's mean and a filtered covariance.
 
     Args:
@@ -98,22 +99,18 @@ class CovarianceMatching:
         return transform, shift
 
     @torch.no_grad()
-    def __call__(self, memory_feats: torch.Tensor, batch_feats: torch.Tensor) -> torch.Tensor:
-        """One adaptation step; the adapted memory as a new tensor (memory's dtype)."""
-        return self.apply_(memory_feats.clone(), batch_feats)
-
-    @torch.no_grad()
-    def apply_(self, memory_feats: torch.Tensor, batch_feats: torch.Tensor) -> torch.Tensor:
-        """One adaptation step written into ``memory_feats``, chunk by chunk."""
+    def adapt_into(self, memory_feats: torch.Tensor, batch_feats: torch.Tensor, out: torch.Tensor,
+                   ages: torch.Tensor | None = None) -> None:
+        """One adaptation step written into ``out`` (``memory_feats`` itself for in place), chunk by
+        chunk: each output chunk is written after its input chunk is read."""
         transform, shift = self.map(memory_feats, batch_feats)
         compute = _stats_dtype(memory_feats.dtype)
         transform_t, shift = transform.T.to(compute), shift.to(compute)
-        for chunk in memory_feats.split(_CHUNK_ROWS):
-            mapped = torch.addmm(shift, chunk.to(compute), transform_t)
+        for source, target in zip(memory_feats.split(_CHUNK_ROWS), out.split(_CHUNK_ROWS)):
+            mapped = torch.addmm(shift, source.to(compute), transform_t)
             if self.renormalize:
                 mapped /= torch.linalg.vector_norm(mapped, dim=1, keepdim=True).clamp_min(1e-12)
-            chunk.copy_(mapped)
-        return memory_feats
+            target.copy_(mapped)
 
     def reset(self) -> None:
         self.calls = 0

@@ -1,34 +1,19 @@
-"""The cross-batch memory: a preallocated FIFO ring of detached embeddings and labels."""
+"""The cross-batch memory: a preallocated FIFO ring of detached embeddings and labels.
+
+The ring is this module; beside it, small pieces with one job each: item tracking for the drift
+probe (item_tracking.py), the undo of a skipped step (undo.py), reading older layouts (layouts.py);
+what the memory calls on an adapter is `MemoryAdapter` (adapter.py).
+"""
 
 from __future__ import annotations
-
-from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
 
-Adapter = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-# The state_dict keys of the ring counters in checkpoints written before they moved into the
-# module's extra state (each a 0-d int64 tensor); `_upgrade_old_layout` still reads them.
-_OLD_COUNTER_KEYS = ("pointer", "filled")
-
-
-# The buffers of `track_items`: each slot's item id (-1: unknown) and its embedding as enqueued.
-_ITEM_KEYS = ("item_ids", "enqueued_feats")
-UNKNOWN_ITEM = -1
-
-
-class UndoPoint(NamedTuple):
-    """What one training step may overwrite: the ring counters and the rows it will touch."""
-
-    pointer: int
-    filled: int
-    slots: torch.Tensor  # the slots the next enqueue writes
-    feats: torch.Tensor  # their rows, or the whole buffer when the step also adapts the memory
-    labels: torch.Tensor
-    whole: bool
-    items: tuple[torch.Tensor, torch.Tensor] | None = None  # the slots' item ids and enqueued rows
+from .adapter import MemoryAdapter, as_memory_adapter
+from .item_tracking import UNKNOWN_ITEM, ItemTracker  # noqa: F401 (UNKNOWN_ITEM: re-exported)
+from .layouts import check_and_upgrade_state
+from .undo import UndoPoint, restore, take_undo_point
 
 
 class CrossBatchMemory(nn.Module):
@@ -50,9 +35,13 @@ class CrossBatchMemory(nn.Module):
             enqueue on CUDA; set False to skip the check).
         track_items: also keep, per slot, the id of the item it holds (its index in the
             training set, -1 when unknown) and its embedding as enqueued, which adaptation
-            never rewrites (buffers ``item_ids`` and ``enqueued_feats``): what a diagnostic
-            needs to re-embed stored items and tell drift from adaptation (DRIFT.MEMORY_PROBE).
+            never rewrites (the submodule ``items``, an ItemTracker): what a diagnostic needs
+            to re-embed stored items and tell drift from adaptation (DRIFT.MEMORY_PROBE).
             Doubles the memory's bytes.
+
+    An undo point taken with ``adapting`` (the trainer takes one before each XBN step) makes the next
+    adaptation write into a spare buffer of the memory's size, swapped in afterwards, so that the
+    step can be undone without a copy of the memory (undo.py); the spare is not saved.
     """
 
     feats: torch.Tensor
@@ -79,14 +68,13 @@ class CrossBatchMemory(nn.Module):
         self.check_finite = check_finite
         self.register_buffer("feats", torch.zeros(size, dim, dtype=dtype, device=device))
         self.register_buffer("labels", torch.zeros(size, dtype=torch.int64, device=device))
-        self.track_items = bool(track_items)
-        if self.track_items:
-            self.register_buffer("item_ids", torch.full((size,), UNKNOWN_ITEM, dtype=torch.int64, device=device))
-            self.register_buffer("enqueued_feats", torch.zeros(size, dim, dtype=dtype, device=device))
+        self.items = ItemTracker(size, dim, dtype, device) if track_items else None
         self._pointer = 0  # next slot to write
         self._filled = 0  # number of valid slots
+        self._spare: torch.Tensor | None = None  # the adaptation's target while an undo point needs the buffer
+        self._adapt_out_of_place = False  # set by an adapting undo point, for the next adapt_
         # Public since torch 2.5 (pytorch PR #131690); requirements ask for 2.6.
-        self.register_load_state_dict_pre_hook(_check_and_upgrade_state)
+        self.register_load_state_dict_pre_hook(check_and_upgrade_state)
 
     # ------------------------------------------------------------------ queries
     def __len__(self) -> int:
@@ -106,10 +94,15 @@ class CrossBatchMemory(nn.Module):
         return self.feats.dtype
 
     @property
+    def track_items(self) -> bool:
+        return self.items is not None
+
+    @property
     def nbytes(self) -> int:
-        """Bytes held by the buffers: size * dim * itemsize + size * 8, twice with track_items."""
+        """Bytes held by the saved buffers: size * dim * itemsize + size * 8, twice with track_items
+        (the spare buffer of an XBN run's undo adds size * dim * itemsize)."""
         one = self.feats.numel() * self.feats.element_size() + self.labels.numel() * 8
-        return 2 * one if self.track_items else one
+        return one + (self.items.nbytes if self.items is not None else 0)
 
     def newest_slots(self, count: int) -> torch.Tensor:
         """The slots of the `count` most recently enqueued rows (at most the fill), oldest first."""
@@ -133,11 +126,11 @@ class CrossBatchMemory(nn.Module):
         """Forget every entry (buffers are kept, not reallocated)."""
         self.feats.zero_()
         self.labels.zero_()
-        if self.track_items:
-            self.item_ids.fill_(UNKNOWN_ITEM)
-            self.enqueued_feats.zero_()
+        if self.items is not None:
+            self.items.reset()
         self._pointer = 0
         self._filled = 0
+        self._spare = None
 
     @torch.no_grad()
     def enqueue(self, embeddings: torch.Tensor, labels: torch.Tensor,
@@ -150,8 +143,8 @@ class CrossBatchMemory(nn.Module):
         (None: unknown) and a second copy of the rows are kept too.
         """
         self._check_batch(embeddings, labels)
-        if self.track_items:
-            item_ids = self._checked_item_ids(item_ids, embeddings.shape[0])
+        if self.items is not None:
+            item_ids = self.items.checked_ids(item_ids, embeddings.shape[0])
         batch = embeddings.shape[0]
         start = self._pointer
         end = start + batch
@@ -171,65 +164,70 @@ class CrossBatchMemory(nn.Module):
             indices = torch.cat(
                 (torch.arange(start, self.size, device=device), torch.arange(0, tail, device=device))
             )
-        if self.track_items:
-            self.item_ids[indices] = item_ids.to(self.item_ids.device, torch.int64)
-            self.enqueued_feats[indices] = embeddings.to(self.enqueued_feats.device, self.enqueued_feats.dtype)
+        if self.items is not None:
+            self.items.record(indices, item_ids, embeddings)
         self._pointer = end % self.size
         self._filled = min(self.size, self._filled + batch)
         return indices
 
-    def _checked_item_ids(self, item_ids: torch.Tensor | None, batch: int) -> torch.Tensor:
-        """One id per row (None: all unknown), checked before `enqueue` writes anything."""
-        if item_ids is None:
-            return torch.full((batch,), UNKNOWN_ITEM, dtype=torch.int64)
-        if not isinstance(item_ids, torch.Tensor) or item_ids.shape != (batch,):
-            got = tuple(item_ids.shape) if isinstance(item_ids, torch.Tensor) else type(item_ids).__name__
-            raise ValueError(f"item_ids must be a 1-D tensor of one id per row ({batch}), got {got}")
-        return item_ids
-
-    @torch.no_grad()
+    # ---------------------------------------------------------------- undo
     def undo_point(self, batch_size: int, adapting: bool) -> UndoPoint:
-        """A copy of what the next `adapt_` (if `adapting`) and `enqueue` of `batch_size` rows
-        change, so that a step found bad afterwards (a non-finite loss) can be taken back with
-        `restore_` without a host synchronisation before it: the rows the enqueue overwrites, or
-        the whole feature buffer when an adaptation rewrites every entry."""
-        slots = (torch.arange(batch_size, device=self.feats.device) + self._pointer) % self.size
-        feats = self.feats.clone() if adapting else self.feats[slots]
-        items = (self.item_ids[slots], self.enqueued_feats[slots]) if self.track_items else None
-        return UndoPoint(self._pointer, self._filled, slots, feats, self.labels[slots], adapting, items)
+        """What the next `adapt_` (if `adapting`) and `enqueue` of `batch_size` rows change, so that a
+        step found bad afterwards (a non-finite loss) can be taken back with `restore_`, with no host
+        synchronisation before it and no copy of the memory (undo.py)."""
+        return take_undo_point(self, batch_size, adapting)
 
-    @torch.no_grad()
     def restore_(self, point: UndoPoint) -> None:
         """Put the memory back as it was when `point` was taken."""
-        if point.whole:
-            self.feats.copy_(point.feats)
-        else:
-            self.feats[point.slots] = point.feats
-        self.labels[point.slots] = point.labels
-        if self.track_items and point.items is not None:
-            self.item_ids[point.slots], self.enqueued_feats[point.slots] = point.items
-        self._pointer, self._filled = point.pointer, point.filled
+        restore(self, point)
 
+    def keep_buffer_for_undo(self) -> None:
+        """Make the next `adapt_` leave the current feature buffer as it is (an undo point holds it)."""
+        self._adapt_out_of_place = True
+
+    def swap_back(self, previous: torch.Tensor, filled: int) -> None:
+        """Make `previous` (the buffer before an out-of-place adaptation) the feature buffer again. The
+        rows past `filled` of the buffer set aside are zeroed: both buffers keep zeros in the slots not
+        yet filled, as a memory that never swapped has."""
+        self._spare, self.feats = self.feats, previous
+        self._spare[filled:].zero_()
+
+    def set_counters(self, pointer: int, filled: int) -> None:
+        self._pointer, self._filled = pointer, filled
+
+    def _spare_buffer(self) -> torch.Tensor:
+        """The adaptation's target for an undoable step; zeros when first made (the rows past the fill
+        must stay zero, see `swap_back`)."""
+        spare = self._spare
+        if spare is None or spare.shape != self.feats.shape or spare.dtype != self.feats.dtype \
+                or spare.device != self.feats.device:
+            self._spare = spare = torch.zeros_like(self.feats)
+        return spare
+
+    # ---------------------------------------------------------------- adaptation
     @torch.no_grad()
-    def adapt_(self, adapter: Adapter, batch_feats: torch.Tensor) -> None:
-        """Replace the valid entries by ``adapter(valid_feats, batch_feats)``, in place.
+    def adapt_(self, adapter: MemoryAdapter, batch_feats: torch.Tensor) -> None:
+        """Replace the valid entries by the adapter's map of them (``adapter.adapt_into``), with no
+        second memory-sized tensor but the undo's spare buffer.
 
-        This is XBN's write-back: the adapted memory is what later steps see. It is a
-        no-op with fewer than two entries, where a per-dimension std is undefined.
-        Adapters with an ``apply_(memory, batch)`` method (all of ``xbm.memory``'s)
-        adapt in place, without a second memory-sized tensor.
+        This is XBN's write-back: the adapted memory is what later steps see. It is a no-op with
+        fewer than two entries, where a per-dimension std is undefined. An adapter that treats
+        entries by age (xbn_age: ``uses_slot_ages``) is given each valid row's age. After an
+        adapting undo point the result goes into the spare buffer, which then becomes the memory's.
         """
         if self._filled < 2:
             return
+        adapter = as_memory_adapter(adapter)
         valid, _ = self.get()
         batch_feats = batch_feats.detach()
-        # An adapter that treats entries by age (xbn_age) is given each valid row's age.
-        ages = {"ages": self.slot_ages()[: self._filled]} if getattr(adapter, "uses_slot_ages", False) else {}
-        in_place = getattr(adapter, "apply_", None)
-        if in_place is not None:
-            in_place(valid, batch_feats, **ages)
-        else:
-            valid.copy_(adapter(valid, batch_feats, **ages))
+        ages = self.slot_ages()[: self._filled] if adapter.uses_slot_ages else None
+        if not self._adapt_out_of_place:
+            adapter.adapt_into(valid, batch_feats, valid, ages)
+            return
+        self._adapt_out_of_place = False
+        spare = self._spare_buffer()
+        adapter.adapt_into(valid, batch_feats, spare[: self._filled], ages)
+        self._spare, self.feats = self.feats, spare
 
     def _check_batch(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
         if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2:
@@ -276,69 +274,10 @@ class CrossBatchMemory(nn.Module):
                 f"memory state is inconsistent: pointer {pointer} != fill {filled} while the memory is not full"
             )
         self._pointer, self._filled = pointer, filled
-
-    def _check_compatible(self, state_dict: dict, prefix: str = "") -> None:
-        """A ValueError naming XBM.SIZE / MODEL.HEAD.DIM / XBM.DTYPE when a saved memory does not fit this one
-        (instead of torch's generic size-mismatch message, or a silent cast of the dtype)."""
-        feats = state_dict.get(prefix + "feats")
-        if feats is None:
-            return  # reported as a missing key by load_state_dict
-        differences = []
-        if feats.dim() != 2 or feats.shape[0] != self.size:
-            differences.append(f"size {feats.shape[0] if feats.dim() else '?'} vs {self.size}")
-        if feats.dim() != 2 or feats.shape[1] != self.dim:
-            differences.append(f"dim {feats.shape[-1] if feats.dim() else '?'} vs {self.dim}")
-        if feats.dtype != self.feats.dtype:
-            differences.append(f"dtype {feats.dtype} vs {self.feats.dtype}")
-        if differences:
-            raise ValueError(
-                "cannot load cross-batch memory state: saved vs this memory differ in "
-                + ", ".join(differences)
-                + " (check XBM.SIZE, MODEL.HEAD.DIM, XBM.DTYPE)"
-            )
+        self._spare = None  # its rows past the fill may not be zero for the loaded state
+        self._adapt_out_of_place = False
 
     def extra_repr(self) -> str:
         tracked = ", track_items=True" if self.track_items else ""
         return f"size={self.size}, dim={self.dim}, dtype={self.feats.dtype}, filled={self._filled}{tracked}"
 
-
-def _check_and_upgrade_state(module: CrossBatchMemory, state_dict: dict, prefix: str, local_metadata: dict,
-                             strict: bool, missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
-    """load_state_dict pre-hook: the friendly mismatch error, the old layout read as the new one, and
-    the item buffers reconciled with `track_items`."""
-    module._check_compatible(state_dict, prefix)
-    _upgrade_old_layout(state_dict, prefix, missing_keys)
-    _reconcile_item_buffers(module, state_dict, prefix)
-
-
-def _reconcile_item_buffers(module: CrossBatchMemory, state_dict: dict, prefix: str) -> None:
-    """A memory saved without item tracking loads into one with it (ids unknown, the stored rows taken
-    as enqueued: those entries are simply not probed), and a tracked one into an untracked memory (the
-    item buffers are dropped): DRIFT.MEMORY_PROBE may change when a run resumes."""
-    keys = [prefix + key for key in _ITEM_KEYS]
-    if not module.track_items:
-        for key in keys:
-            state_dict.pop(key, None)
-        return
-    feats = state_dict.get(prefix + "feats")
-    if feats is None or any(key in state_dict for key in keys):
-        return  # a partial set is reported missing by load_state_dict
-    state_dict[keys[0]] = torch.full((feats.shape[0],), UNKNOWN_ITEM, dtype=torch.int64)
-    state_dict[keys[1]] = feats.clone()
-
-
-def _upgrade_old_layout(state_dict: dict, prefix: str, missing_keys: list) -> None:
-    """Checkpoints written before the counters were extra state hold them as `{prefix}pointer` and
-    `{prefix}filled`: replace the two by the `{prefix}_extra_state` they mean (in load_state_dict's own
-    copy of the dict). With only one of them the other is reported missing."""
-    old = [prefix + key for key in _OLD_COUNTER_KEYS]
-    found = [key for key in old if key in state_dict]
-    if not found:
-        return
-    if len(found) == len(old):
-        counters = [int(state_dict[key]) for key in old]
-        state_dict[prefix + "_extra_state"] = torch.tensor(counters, dtype=torch.int64)
-    else:
-        missing_keys.extend(key for key in old if key not in state_dict)
-    for key in found:
-        del state_dict[key]
