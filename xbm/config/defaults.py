@@ -296,7 +296,9 @@ _C.SOLVER.WARMUP_ITERS = 0
 # Iterations at the start that train only the embedding head (the XBN paper's warm-up epochs)
 _C.SOLVER.HEAD_WARMUP_ITERS = 0
 # Mixed precision (autocast) of the network: none | fp16 (CUDA, with a gradient scaler) | bf16
-# (CUDA devices with bf16 support, or the CPU). Losses and the memory stay float32.
+# (CUDA devices with bf16 support, or the CPU). Losses and the memory stay float32. On a CPU
+# without native bfloat16 (no AVX512-BF16 / AMX) bf16 is emulated, ~20x slower: a warning, and
+# evaluation in float32
 _C.SOLVER.AMP = "none"
 # A step whose loss or embeddings are not finite (an fp16 forward overflow) is skipped and
 # counted, as GradScaler skips a step whose gradients overflow; this many skipped steps in a row
