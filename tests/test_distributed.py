@@ -4,6 +4,7 @@ import itertools
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -19,8 +20,10 @@ from xbm.config import load_cfg
 from xbm.config.rules import check_global_batch
 from xbm.data.sampler import MPerClassBatchSampler
 from xbm.engine.checkpoint import load_checkpoint
+from xbm.engine.hooks import HookBase
+from xbm.engine.run_guard import StopSignals, TrainingStopped
 from xbm.engine.trainer import Trainer
-from xbm.utils.distributed import (all_gather_batch, all_gather_object, all_gather_with_grad, all_ranks_true,
+from xbm.utils.distributed import (agree_on_step, all_gather_batch, all_gather_object, all_gather_with_grad,
                                    broadcast_object, get_rank, get_world_size, init_distributed,
                                    shutdown_distributed, sum_over_ranks)
 
@@ -52,7 +55,8 @@ def test_without_torchrun_every_helper_is_the_single_process_one(monkeypatch):
     assert (get_rank(), get_world_size()) == (0, 1)
     x = torch.randn(4, 3, requires_grad=True)
     assert all_gather_batch(x) is x and all_gather_with_grad(x) is x and sum_over_ranks(x) is x
-    assert all_ranks_true(torch.tensor(True)) and not all_ranks_true(torch.tensor(False))
+    assert agree_on_step(torch.tensor(True), False) == (True, False)
+    assert agree_on_step(torch.tensor(False), True) == (False, True)
     assert broadcast_object({"R@1": 0.5}) == {"R@1": 0.5} and all_gather_object(7) == [7]
     shutdown_distributed()  # nothing to shut down: a no-op
 
@@ -142,8 +146,41 @@ def _rank_worker(rank: int, port: int, root: str, folder: str) -> None:
         stopped = os.path.join(folder, "stopped")
         train_main(_train_opts(root, stopped, 10))
         train_main(["--resume", "auto", *_train_opts(root, stopped, 20)])
+        torch.save(_signal_on_one_rank(root, os.path.join(folder, "signal"), rank),
+                   os.path.join(folder, f"signal.rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def _signal_on_one_rank(root: str, out: str, rank: int) -> dict:
+    """Rank 1 alone gets SIGTERM after iteration 2; every step's control all-reduces are counted."""
+    reductions = []
+    original = dist.all_reduce
+
+    def counting(tensor, *args, **kwargs):
+        # the control collectives; the in-batch loss's gathered rows send their float gradient back too
+        if not tensor.is_floating_point():
+            reductions.append(trainer.iteration)
+        return original(tensor, *args, **kwargs)
+
+    class SignalAfterTwo(HookBase):
+        def after_step(self):
+            if rank == 1 and self.trainer.iteration == 2:
+                StopSignals._requested = signal.SIGTERM  # what xbm-train's handler records
+
+    cfg = load_cfg("configs/glyphs_xbn.yaml", _opts(root, out, "SOLVER.MAX_ITERS", "6", "SOLVER.LOG_PERIOD", "100"))
+    trainer = Trainer(cfg, extra_hooks=[SignalAfterTwo()])
+    dist.all_reduce = counting
+    try:
+        trainer.train()
+        stopped = None
+    except TrainingStopped as stop:
+        stopped = {"iteration": stop.iteration, "signal": stop.signal_name}
+    finally:
+        dist.all_reduce = original
+        StopSignals._requested = None
+    dist.barrier()  # rank 0 has written the checkpoint
+    return {"stopped": stopped, "reductions": reductions, "saved": load_checkpoint(trainer.checkpoint_path)["iteration"]}
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +223,19 @@ def test_two_ranks_share_one_memory_and_the_gradients_of_one_process(glyph_root,
             for key, grad in expected.items():  # DDP's average over ranks == the one-process gradient
                 assert torch.equal(first["grads"][key], second["grads"][key]), (name, step, key)
                 torch.testing.assert_close(first["grads"][key], grad, rtol=1e-4, atol=1e-6, msg=f"{name} {step} {key}")
+
+
+@pytest.mark.slow
+def test_a_signal_on_one_rank_stops_every_rank_through_the_one_all_reduce_of_a_step(two_rank_runs):
+    """Rank 1's SIGTERM after iteration 2 reaches rank 0 in step 3's all-reduce (the finiteness check's):
+    both ranks save at iteration 3 and stop there, and no step made a second control all-reduce (the only
+    other one is the backward of the gathered global batch, the papers' part of the step)."""
+    ranks = [torch.load(two_rank_runs / f"signal.rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    assert [r["stopped"] for r in ranks] == [{"iteration": 3, "signal": "a signal on another rank"},
+                                            {"iteration": 3, "signal": "SIGTERM"}]
+    assert all(r["saved"] == 3 for r in ranks)
+    for r in ranks:  # one all-reduce in each of the steps at iterations 0, 1, 2 (the count is taken before +1)
+        assert r["reductions"] == [0, 1, 2], r["reductions"]
 
 
 # ------------------------------------------------------------------ torchrun end to end, resume

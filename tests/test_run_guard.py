@@ -581,8 +581,9 @@ def test_two_ranks_share_the_refusal_and_stop_at_the_same_iteration(glyph_root, 
         port = s.getsockname()[1]
     mp.spawn(_ddp_worker, args=(port, str(glyph_root), str(tmp_path)), nprocs=2)
     codes = [json.loads((tmp_path / f"codes.rank{r}.json").read_text()) for r in range(2)]
-    # the refusal reached both ranks; the signal on rank 1 stopped both after iteration 7
-    assert codes[0] == codes[1] == {"held": 2, "stopped": EXIT_STOPPED, "stopped_at": 7, "resumed": 0, "whole": 0}
+    # the refusal reached both ranks. The signal came to rank 1 during the step at iteration 6, after that
+    # step's all-reduce: the next step's (iteration 7) carries it to rank 0, and both stop after it, at 8
+    assert codes[0] == codes[1] == {"held": 2, "stopped": EXIT_STOPPED, "stopped_at": 8, "resumed": 0, "whole": 0}
     assert not (tmp_path / "held" / "log.txt").exists()
     whole = load_checkpoint(str(tmp_path / "whole" / "checkpoints" / "last.pth"))
     resumed = load_checkpoint(str(tmp_path / "stopped" / "checkpoints" / "last.pth"))
@@ -592,8 +593,8 @@ def test_two_ranks_share_the_refusal_and_stop_at_the_same_iteration(glyph_root, 
     for name, tensor in whole["memory"].items():
         torch.testing.assert_close(resumed["memory"][name], tensor, rtol=0, atol=1e-6, msg=name)
     log = (tmp_path / "stopped" / "log.txt").read_text()
-    assert log.count("SIGTERM: stopped at iteration 7") == 0  # rank 0 was not signalled itself
-    assert log.count("a signal on another rank: stopped at iteration 7") == 1
+    assert log.count("SIGTERM: stopped at iteration 8") == 0  # rank 0 was not signalled itself
+    assert log.count("a signal on another rank: stopped at iteration 8") == 1
 
 
 # ------------------------------------------------------------------ the SLURM example

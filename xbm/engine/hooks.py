@@ -29,7 +29,7 @@ from ..utils.files import write_atomically
 from .checkpoint import save_checkpoint
 from .drift import DriftMonitor
 from .memory_drift import MemoryProbe
-from .run_guard import TrainingStopped, stop_agreed
+from .run_guard import StopSignals, TrainingStopped
 from .setup import build_drift_monitor, build_memory_probe, format_results
 
 
@@ -62,11 +62,17 @@ class HookBase:
 
 class StopOnSignal(HookBase):
     """SIGINT/SIGTERM (xbm-train's handlers): save last.pth and stop before the next step, on every
-    rank alike (a collective under DDP)."""
+    rank alike. One process reads its own signal; under DDP the ranks act on the flag agreed in the last
+    step's all-reduce (`Trainer.stop_requested`: no collective of its own), so a signal is acted on before
+    the step after the one whose all-reduce saw it."""
 
     def before_step(self) -> None:
         trainer = self.trainer
-        signal_name = stop_agreed(trainer.device, trainer.world_size)
+        local = StopSignals.requested()
+        if trainer.world_size == 1:
+            signal_name = local
+        else:
+            signal_name = (local or "a signal on another rank") if trainer.stop_requested else None
         if signal_name:
             trainer.save()
             raise TrainingStopped(trainer.iteration, trainer.checkpoint_path, signal_name)

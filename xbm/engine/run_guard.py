@@ -5,7 +5,7 @@
   lock whose process is gone (same host) is taken over with a warning; a folder holding checkpoints
   is refused unless the run resumes, or `--overwrite` moves the earlier run aside.
 * `StopSignals` (the command line's training): the first SIGINT or SIGTERM only sets a flag; the
-  Trainer checks it before each step (`stop_agreed`: one all-reduce of one number under DDP, so
+  Trainer checks it before each step (under DDP the flag rides in the step's one all-reduce, so
   every rank stops at the same iteration), saves a checkpoint and raises `TrainingStopped`. A
   second signal exits at once with status 128 + signal number, saving nothing more.
 
@@ -27,8 +27,6 @@ import socket
 import sys
 import threading
 import time
-
-import torch
 
 from ..utils.signals import STOP_SIGNALS
 
@@ -255,18 +253,6 @@ class StopSignals:
     def requested(cls) -> str | None:
         """The name of the signal that asked for a stop in this process, if any."""
         return signal.Signals(cls._requested).name if cls._requested is not None else None
-
-
-def stop_agreed(device: torch.device, world_size: int) -> str | None:
-    """Whether any rank was asked to stop (a collective under DDP: every rank calls it each step)."""
-    local = StopSignals.requested()
-    if world_size == 1:
-        return local
-    import torch.distributed as dist
-
-    flag = torch.tensor(0 if local is None else 1, dtype=torch.int32, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return (local or "a signal on another rank") if int(flag) else None
 
 
 def resume_command(argv: list[str]) -> str:

@@ -25,13 +25,14 @@ from ..config import check_cfg
 from ..config.rules import check_global_batch, resolve_memory_size
 from ..modeling import build_model
 from ..objective import build_objective
-from ..utils.distributed import all_ranks_true, get_rank, get_world_size, init_distributed
+from ..utils.distributed import agree_on_step, get_rank, get_world_size, init_distributed
 from ..utils.env import seed_everything
 from ..utils.logger import setup_logger
 from . import hooks as default_hooks
 from .checkpoint import checkpoint_state, resume_training, rng_states, save_training
 from .nonfinite import NonFiniteGuard, NonFiniteLossError  # noqa: F401 (re-exported: the guard raises it)
 from .performance import check_runtime, compiled, configure_backends, memory_format
+from .run_guard import StopSignals
 from .setup import build_evaluator, build_training_data, build_training_loader, distributed, log_setup
 from .solver import build_optimizer, build_plateau, build_scheduler, parameter_groups
 
@@ -75,6 +76,7 @@ class Trainer:
         self.iteration = 0
         self.writer = None  # tensorboard, on rank 0 during train()
         self.step_outputs: dict = {}  # the last step's losses and pair counts, for the hooks
+        self.stop_requested = False  # whether some rank had a stop signal at the last step's all-reduce
         self.hooks: list[default_hooks.HookBase] = []
         self.register_hooks(self.build_hooks() + list(extra_hooks or []))
         if self.rank > 0:
@@ -156,8 +158,10 @@ class Trainer:
         finite = torch.isfinite(embeddings).all()
         if total is not None:
             finite = finite & torch.isfinite(total)
-        # The step's one host synchronisation (an all-reduce under DDP: every rank skips alike).
-        if not all_ranks_true(finite):
+        # The step's one host synchronisation (under DDP its one all-reduce, so that every rank skips alike;
+        # the stop flag of SIGINT/SIGTERM rides in it, for StopOnSignal before the next step).
+        all_finite, self.stop_requested = agree_on_step(finite, StopSignals.requested() is not None)
+        if not all_finite:
             self.guard.skip(self.iteration)
             self._advance_schedule()
             return parts

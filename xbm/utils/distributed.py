@@ -166,13 +166,17 @@ def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def all_ranks_true(flag: torch.Tensor) -> bool:
-    """Whether a 0-dim bool tensor is True on every rank (one all_reduce of one number)."""
+def agree_on_step(finite: torch.Tensor, stop_requested: bool) -> tuple[bool, bool]:
+    """(whether the 0-dim bool `finite` is True on every rank, whether any rank asked to stop): the
+    trainer's one collective per step, one all_reduce (MIN) of two numbers, [finite, not stop]; the
+    step's host synchronisation in one process."""
     if not is_distributed():
-        return bool(flag)
-    value = flag.detach().reshape(()).to(torch.int32)
-    dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return bool(value)
+        return bool(finite), bool(stop_requested)
+    values = torch.stack([finite.detach().reshape(()).to(torch.int32),
+                          torch.tensor(0 if stop_requested else 1, dtype=torch.int32, device=finite.device)])
+    dist.all_reduce(values, op=dist.ReduceOp.MIN)
+    all_finite, none_stops = values.tolist()
+    return bool(all_finite), not none_stops
 
 
 def _to_bytes(obj) -> bytes:
