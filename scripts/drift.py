@@ -7,7 +7,7 @@ Embeds the same fixed random subset of the training split (test-time transform; 
 the one the trainer's drift monitor uses for the same --num-samples and --seed) under every
 checkpoint, in the order of the iteration stored in each, and writes to --out:
   drift.csv  per checkpoint: its iteration, the drift from the previous checkpoint
-             (mean L2 distance and mean cosine, xbm.engine.drift.feature_drift) and to the last one;
+             (mean L2 distance and mean cosine, xbm.diagnostics.drift.feature_drift) and to the last one;
   drift.png  both against the iteration.
 The model is built from --cfg, or else from the first checkpoint's own config (KEY VALUE
 overrides apply in both cases, e.g. DATA.ROOT or MODEL.DEVICE cpu).
@@ -23,7 +23,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from xbm.config import ConfigError  # noqa: E402
-from xbm.engine.drift import COSINE_KEY, DISTANCE_KEY, DriftMonitor, feature_drift  # noqa: E402
+from xbm.diagnostics.drift import COSINE_KEY, DISTANCE_KEY, DriftMonitor, feature_drift  # noqa: E402
 from xbm.utils.plotting import new_figure, save_figure  # noqa: E402
 
 COLUMNS = ("checkpoint", "iteration", "previous_iteration", "distance_from_previous", "cosine_from_previous",

@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     from xbm.data.transforms import build_transforms
     from xbm.engine.checkpoint import load_checkpoint
     from xbm.engine.evaluation_tool import config_of_checkpoint
-    from xbm.engine.evaluator import compute_embeddings
+    from xbm.evaluation.evaluator import compute_embeddings
     from xbm.modeling import build_model
     from xbm.utils.env import resolve_device
 

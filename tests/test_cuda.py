@@ -52,7 +52,7 @@ def test_mixed_precision_training_and_resume_on_the_gpu(glyph_root, tmp_path, am
 def test_evaluation_stays_on_the_gpu_and_matches_the_cpu(glyph_root, tmp_path):
     trainer = Trainer(load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, tmp_path / "run")))
     dataset = trainer.evaluator.tasks["test"][0]
-    from xbm.engine.evaluator import compute_embeddings
+    from xbm.evaluation.evaluator import compute_embeddings
 
     feats, labels = compute_embeddings(trainer.model, dataset, trainer.device)
     assert feats.is_cuda

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from xbm.engine.drift import DriftMonitor, feature_drift, probe_indices
+from xbm.diagnostics.drift import DriftMonitor, feature_drift, probe_indices
 from scripts_loader import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

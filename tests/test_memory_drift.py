@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from xbm.config import load_cfg
-from xbm.engine.memory_drift import AGE_KEY, ENQUEUED_KEY, NEWEST_KEY, SAMPLED_KEY, STORED_KEY, MemoryProbe
+from xbm.diagnostics.memory_drift import AGE_KEY, ENQUEUED_KEY, NEWEST_KEY, SAMPLED_KEY, STORED_KEY, MemoryProbe
 from xbm.memory import CrossBatchMemory, MomentMatching
 
 DIM = 3

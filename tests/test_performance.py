@@ -195,7 +195,7 @@ def test_cuda_random_states_of_missing_gpus_are_skipped_and_named(monkeypatch):
 
 
 def test_evaluation_shows_progress_and_keeps_embeddings_on_the_device(glyph_root, tmp_path, capsys, torch_flags):
-    from xbm.engine.evaluator import compute_embeddings
+    from xbm.evaluation.evaluator import compute_embeddings
 
     trainer = Trainer(load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, tmp_path / "run")))
     trainer.evaluate()

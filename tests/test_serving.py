@@ -39,7 +39,7 @@ def tiny(glyph_root, tmp_path_factory):
     from xbm.data.datasets import build_dataset
     from xbm.data.transforms import build_transforms
     from xbm.engine.checkpoint import save_checkpoint
-    from xbm.engine.evaluator import compute_embeddings
+    from xbm.evaluation.evaluator import compute_embeddings
     from xbm.modeling import build_model
 
     base = tmp_path_factory.mktemp("serving")

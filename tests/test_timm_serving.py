@@ -45,7 +45,7 @@ def vit(glyph_root, tmp_path_factory):
     from xbm.config import load_cfg
     from xbm.data.datasets import build_dataset
     from xbm.data.transforms import build_transforms
-    from xbm.engine.evaluator import compute_embeddings
+    from xbm.evaluation.evaluator import compute_embeddings
     from xbm.engine.trainer import Trainer
 
     base = tmp_path_factory.mktemp("timm_serving")

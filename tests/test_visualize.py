@@ -73,7 +73,7 @@ def test_retrieval_grid_has_the_layout_size_and_colours(tiny_checkpoint, tmp_pat
     from xbm.data.datasets import build_dataset
     from xbm.data.transforms import build_transforms
     from xbm.engine.evaluation_tool import config_of_checkpoint
-    from xbm.engine.evaluator import compute_embeddings
+    from xbm.evaluation.evaluator import compute_embeddings
     from xbm.modeling import build_model
 
     cfg = config_of_checkpoint(str(tiny_checkpoint))

@@ -191,7 +191,7 @@ _C.DRIFT.ENABLE = False
 _C.DRIFT.INTERVAL = 50
 # Training images in the fixed subset
 _C.DRIFT.NUM_SAMPLES = 256
-# The memory's adaptation error (xbm/engine/memory_drift.py): every DRIFT.MEMORY_INTERVAL iterations,
+# The memory's adaptation error (xbm/diagnostics/memory_drift.py): every DRIFT.MEMORY_INTERVAL iterations,
 # re-embed a random sample of the items in the memory with the current network (eval mode, test-time
 # transform, no gradient) and log the mean cosine between each stored entry (as adapted) and its fresh
 # embedding, and between the entry as it was enqueued and the fresh one: how much drift the adaptation

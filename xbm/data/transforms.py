@@ -20,114 +20,19 @@ convention on its device (the same arithmetic, `to_backbone_input`).
 """
 from __future__ import annotations
 
-import functools
-import math
-from dataclasses import dataclass
-
 import torch
 from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from ..input_convention import (BNINCEPTION_CONVENTION, DEFAULT_CROP_PCT, IMAGENET_CONVENTION,  # noqa: F401
+                                         IMAGENET_MEAN, IMAGENET_STD, DataConfig, InputConvention,
+                                         to_backbone_input)
+from .datasets import dataset_class
+from .image_steps import (INTERPOLATIONS, InputGeometry, ToRGB, backbone_data_config, input_convention,  # noqa: F401
+                          input_geometry, natural_image_steps)
 
-
-@dataclass(frozen=True)
-class InputConvention:
-    """How a backbone's weights expect pixels: channel order, value range, then (x - mean) / std."""
-
-    channel_order: str  # "RGB" or "BGR"
-    max_value: float  # 1.0: pixels in [0, 1]; 255.0: pixels in [0, 255]
-    mean: tuple[float, float, float]  # in the channel order above
-    std: tuple[float, float, float]
-
-
-BNINCEPTION_CONVENTION = InputConvention("BGR", 255.0, (104.0, 117.0, 128.0), (1.0, 1.0, 1.0))
-IMAGENET_CONVENTION = InputConvention("RGB", 1.0, IMAGENET_MEAN, IMAGENET_STD)
-# timm's test-time crop when a model's config gives none (timm.data.constants.DEFAULT_CROP_PCT): 224 of 256
-DEFAULT_CROP_PCT = 0.875
-INTERPOLATIONS = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """What a backbone's weights expect beyond the convention: the input side, test crop and interpolation
-    (a timm model's are timm's resolution of its pretrained config; `data_config` of the backbone class)."""
-
-    convention: InputConvention
-    input_size: int | None  # the side it was trained at; None: any (xbm's own backbones)
-    crop_pct: float  # test-time centre crop as a fraction of the resized side
-    interpolation: str  # bilinear | bicubic
-
-
-@dataclass(frozen=True)
-class InputGeometry:
-    """INPUT.IMAGE_SIZE, RESIZE and INTERPOLATION of a config, with 0 / "" resolved from the backbone."""
-
-    size: int
-    resize: int
-    interpolation: str
-
-
-def backbone_data_config(cfg) -> DataConfig:
-    """The data config of MODEL.BACKBONE.NAME (its registered class's `data_config`)."""
-    # Imported here: the backbones import this module's conventions, and a backbone registered at
-    # run time must be found, so the registry is read when asked.
-    from ..modeling.backbones import BACKBONE_REGISTRY
-
-    name = cfg.MODEL.BACKBONE.NAME
-    return BACKBONE_REGISTRY.get(name).data_config(name, dict(cfg.MODEL.BACKBONE.TIMM.KWARGS))
-
-
-def input_convention(backbone_name: str) -> InputConvention:
-    """The input convention of a backbone (MODEL.BACKBONE.NAME): its registered class's INPUT_CONVENTION, or a
-    timm model's mean and std."""
-    from ..modeling.backbones import BACKBONE_REGISTRY
-
-    return BACKBONE_REGISTRY.get(backbone_name).data_config(backbone_name).convention
-
-
-def input_geometry(cfg) -> InputGeometry:
-    """The input side, test resize and interpolation of this config: INPUT.* where set, else the backbone's."""
-    size, resize = int(cfg.INPUT.IMAGE_SIZE), int(cfg.INPUT.RESIZE)
-    interpolation = cfg.INPUT.INTERPOLATION.lower()
-    if size < 0 or resize < 0:
-        raise ValueError(f"INPUT.IMAGE_SIZE and INPUT.RESIZE must be >= 0 (0: the backbone's), got {size} and {resize}")
-    if interpolation and interpolation not in INTERPOLATIONS:
-        raise ValueError(f"INPUT.INTERPOLATION {cfg.INPUT.INTERPOLATION!r} is not one of {sorted(INTERPOLATIONS)} "
-                         "or '' (the backbone's)")
-    if size and resize and interpolation:
-        return InputGeometry(size, resize, interpolation)
-    data = backbone_data_config(cfg)
-    if not size:
-        if data.input_size is None:
-            raise ValueError(f"INPUT.IMAGE_SIZE 0 takes the backbone's pretrained input size, and "
-                             f"{cfg.MODEL.BACKBONE.NAME} has none: set INPUT.IMAGE_SIZE")
-        size = data.input_size
-    if not resize:
-        resize = int(math.floor(size / data.crop_pct))  # timm's test transform (transforms_factory.py)
-    return InputGeometry(size, resize, interpolation or data.interpolation)
-
-
-def to_backbone_input(pixels: torch.Tensor, convention: InputConvention) -> torch.Tensor:
-    """uint8 RGB pixels, (3, H, W) or (N, 3, H, W), -> float32 in `convention`, on their device."""
-    if pixels.shape[-3] != 3:
-        raise ValueError(f"expected an RGB image with 3 channels, got {pixels.shape[-3]}")
-    pixels = pixels.float()  # RGB, 0-255
-    if convention.max_value != 255.0:
-        pixels = pixels * (convention.max_value / 255.0)
-    if convention.channel_order == "BGR":
-        pixels = pixels.flip(-3)
-    mean, std = _mean_std(convention, pixels.device)
-    return (pixels - mean) / std
-
-
-@functools.lru_cache(maxsize=None)
-def _mean_std(convention: InputConvention, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, std) as (3, 1, 1) float32 tensors on `device`, made once (this runs per image)."""
-    return (torch.tensor(convention.mean, device=device).view(3, 1, 1),
-            torch.tensor(convention.std, device=device).view(3, 1, 1))
+# The names above are re-exported: xbm.data.transforms is where users and tools have found them.
 
 
 class BackboneInput:
@@ -160,49 +65,12 @@ class RGBPixels:
 
 def model_input_convention(cfg) -> InputConvention:
     """The input convention of this config's images: the dataset's own if it has one, else the backbone's."""
-    own = _dataset_class(cfg).INPUT_CONVENTION
+    own = dataset_class(cfg).INPUT_CONVENTION
     return own if own is not None else backbone_data_config(cfg).convention
-
-
-def _dataset_class(cfg):
-    # Imported here: the datasets build their steps from this module's pieces.
-    from .datasets import dataset_class
-
-    return dataset_class(cfg)
-
-
-def natural_image_steps(cfg, train: bool) -> list:
-    """Resize, then a random resized crop and flip (train) or a centre crop (test)."""
-    geometry = input_geometry(cfg)
-    size, resize, mode = geometry.size, geometry.resize, INTERPOLATIONS[geometry.interpolation]
-    scale = tuple(float(s) for s in cfg.INPUT.CROP_SCALE)
-    if resize < size:
-        raise ValueError(
-            f"INPUT.RESIZE ({resize}) is smaller than INPUT.IMAGE_SIZE ({size}): the centre crop would "
-            "need padding; raise INPUT.RESIZE"
-        )
-    if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
-        raise ValueError(f"INPUT.CROP_SCALE must be (low, high) with 0 < low <= high <= 1, got {scale}")
-    if not train:
-        return [T.Resize(resize, interpolation=mode), T.CenterCrop(size)]
-    steps = [T.Resize(resize, interpolation=mode), T.RandomResizedCrop(size, scale=scale, interpolation=mode)]
-    if cfg.INPUT.HFLIP:
-        steps.append(T.RandomHorizontalFlip())
-    return steps
-
-
-class ToRGB:
-    """image.convert("RGB") as a picklable transform (DataLoader workers pickle transforms)."""
-
-    def __call__(self, image: Image.Image) -> Image.Image:
-        return image.convert("RGB")
-
-    def __repr__(self) -> str:
-        return "ToRGB()"
 
 
 def build_transforms(cfg, train: bool) -> T.Compose:
     """The transform of training (`train=True`) or test images for this config."""
-    steps = _dataset_class(cfg).transform_steps(cfg, train)
+    steps = dataset_class(cfg).transform_steps(cfg, train)
     last = RGBPixels() if cfg.DATA.UINT8_TRANSFER else BackboneInput(model_input_convention(cfg))
     return T.Compose(steps + [last])

@@ -10,10 +10,10 @@ from yacs.config import CfgNode
 from ..config import load_cfg
 from ..data.datasets import build_dataset, dataset_class
 from ..data.transforms import build_transforms
+from ..evaluation.evaluator import compute_embeddings
 from ..modeling import build_model
 from ..utils.env import resolve_device
 from .checkpoint import CHECKPOINT_KEYS, load_checkpoint
-from .evaluator import compute_embeddings
 from .performance import check_knn_backend
 from .setup import build_evaluator
 

@@ -24,11 +24,11 @@ import time
 import torch
 from tqdm import tqdm
 
+from ..diagnostics.drift import DriftMonitor
+from ..diagnostics.memory_drift import MemoryProbe
 from ..utils.distributed import broadcast_object, sum_over_ranks
 from ..utils.files import write_atomically
 from .checkpoint import save_checkpoint
-from .drift import DriftMonitor
-from .memory_drift import MemoryProbe
 from .run_guard import StopSignals, TrainingStopped
 from .setup import build_drift_monitor, build_memory_probe, format_results
 
@@ -106,7 +106,7 @@ class DriftProbe(HookBase):
 class MemoryDriftProbe(HookBase):
     """DRIFT.MEMORY_PROBE: every DRIFT.MEMORY_INTERVAL iterations, how far a random sample of the memory's
     entries is from the current network's embeddings of their images, as stored and as enqueued
-    (xbm/engine/memory_drift.py), in drift.jsonl and tensorboard. Rank 0 only; no state to resume."""
+    (xbm/diagnostics/memory_drift.py), in drift.jsonl and tensorboard. Rank 0 only; no state to resume."""
 
     def __init__(self, probe: MemoryProbe):
         self.probe = probe

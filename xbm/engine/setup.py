@@ -9,9 +9,9 @@ from ..data.loader import build_train_loader
 from ..data.sampler import sampler_class
 from ..data.transforms import build_transforms
 from ..data.validation import LabelledSubset, split_validation
-from .drift import DriftMonitor
-from .evaluator import Evaluator
-from .memory_drift import MemoryProbe
+from ..diagnostics.drift import DriftMonitor
+from ..diagnostics.memory_drift import MemoryProbe
+from ..evaluation.evaluator import Evaluator
 from .performance import evaluation_amp_dtype, memory_format
 
 

@@ -2,7 +2,8 @@
 import torch
 from torch import nn
 
-from ..data.transforms import InputConvention, model_input_convention, to_backbone_input
+from ..data.transforms import model_input_convention
+from ..input_convention import InputConvention, to_backbone_input
 from .backbones import build_backbone
 from .head import EmbeddingHead
 

@@ -47,7 +47,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from ..transforms import InputConvention, natural_image_steps
+from ...input_convention import InputConvention
+from ..image_steps import natural_image_steps
 
 logger = logging.getLogger(__name__)
 

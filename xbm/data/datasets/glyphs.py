@@ -18,7 +18,8 @@ except ImportError:  # Windows
     fcntl = None
 
 from ..glyphs import GENERATOR_VERSION, LIST_FILES, META_FILE, generate_glyphs
-from ..transforms import INTERPOLATIONS, InputConvention, ToRGB, input_geometry
+from ...input_convention import InputConvention
+from ..image_steps import INTERPOLATIONS, ToRGB, input_geometry
 from .base import ImageListDataset, Record
 from .build import DATASET_REGISTRY
 from .list_dataset import read_path_label_list

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ...data.transforms import BNINCEPTION_CONVENTION
+from ...input_convention import BNINCEPTION_CONVENTION
 from .build import BACKBONE_REGISTRY
 from .convnet import Backbone
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ...data.transforms import DEFAULT_CROP_PCT, IMAGENET_CONVENTION, DataConfig, InputConvention
+from ...input_convention import DEFAULT_CROP_PCT, IMAGENET_CONVENTION, DataConfig, InputConvention
 from .build import BACKBONE_REGISTRY
 from .pretrained import load_pretrained
 

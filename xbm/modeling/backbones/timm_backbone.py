@@ -22,7 +22,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ...data.transforms import DEFAULT_CROP_PCT, DataConfig, InputConvention
+from ...input_convention import DEFAULT_CROP_PCT, DataConfig, InputConvention
 from .build import BACKBONE_REGISTRY, TIMM_PREFIX
 from .convnet import Backbone, refuse_resnet_keys
 from .pretrained import load_backbone_weights, read_state_dict_file, timm_hub_weights
@@ -142,13 +142,15 @@ class TimmBackbone(Backbone):
 
     @classmethod
     def from_config(cls, cfg) -> "TimmBackbone":
-        """MODEL.BACKBONE.NAME, POOLING and TIMM.*; the input side of INPUT.IMAGE_SIZE (0: the model's)."""
-        from ...data.transforms import input_geometry
-
+        """MODEL.BACKBONE.NAME, POOLING and TIMM.*; the input side of INPUT.IMAGE_SIZE (0: the model's own,
+        which is what xbm.data.image_steps.input_geometry resolves it to as well)."""
         spec = cfg.MODEL.BACKBONE
         refuse_resnet_keys(spec)
+        size = int(cfg.INPUT.IMAGE_SIZE)
+        if size < 0:
+            raise ValueError(f"INPUT.IMAGE_SIZE must be >= 0 (0: the backbone's), got {size}")
         t = spec.TIMM
-        return cls(spec.NAME, pooling=spec.POOLING, image_size=input_geometry(cfg).size, kwargs=dict(t.KWARGS),
+        return cls(spec.NAME, pooling=spec.POOLING, image_size=size or None, kwargs=dict(t.KWARGS),
                    fused_attn=t.FUSED_ATTN, grad_checkpointing=t.GRAD_CHECKPOINTING,
                    freeze_patch_embed=t.FREEZE_PATCH_EMBED)
 

@@ -6,7 +6,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..evaluation import evaluate
+from .metrics import evaluate
 from ..utils.signals import ignore_stop_signals
 
 
