@@ -13,10 +13,10 @@ import functools
 import glob
 import json
 import os
-import re
 import sys
 
 from .config import ConfigError, load_cfg
+from .utils.errors import fail, one_sentence
 
 
 def _parser(description: str) -> argparse.ArgumentParser:
@@ -28,8 +28,10 @@ def _parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-# How many values each option takes: 1, 0 (a switch), "?" (--resume: none means auto), "*" (--export).
-_ARITY = {"--cfg": 1, "--debug": 0, "--resume": "?", "--overwrite": 0, "--ckpt": 1, "--out": 1, "--export": "*"}
+def _arity(action: argparse.Action):
+    """How many values an option takes, as argparse was told: 1, 0 (a switch), "?" (--resume: none means
+    auto) or "*" (--export)."""
+    return 1 if action.nargs is None else action.nargs
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str] | None):
@@ -38,7 +40,9 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None):
     from .engine.run_guard import looks_like_config_key
 
     args = parser.parse_args(argv)
-    flags = {f: _ARITY[f] for action in parser._actions for f in action.option_strings if f in _ARITY}
+    actions = {f: action for action in parser._actions for f in action.option_strings
+               if not isinstance(action, argparse._HelpAction)}
+    flags = {f: _arity(action) for f, action in actions.items()}
     if isinstance(getattr(args, "resume", None), str) and looks_like_config_key(args.resume):
         args.opts.insert(0, args.resume)  # `--resume XBM.SIZE 10`: the key is an override
         args.resume = "auto"
@@ -55,7 +59,7 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None):
             opts.append(token)
             i += 1
             continue
-        name = token[2:].replace("-", "_")
+        name, convert = actions[token].dest, actions[token].type or str
         values, i = [], i + 1
         while arity != 0 and i < len(args.opts) and args.opts[i] not in flags and (arity == 1 or not (
                 looks_like_config_key(args.opts[i]) or args.opts[i].startswith("--"))):
@@ -65,35 +69,21 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None):
                 break
         if arity == 1 and not values:
             parser.error(f"{token} needs a value")
+        try:
+            values = [convert(v) for v in values]
+        except (TypeError, ValueError):
+            parser.error(f"{token}: invalid value {values[0]!r}")
         setattr(args, name, True if arity == 0 else values[0] if arity == 1 else
-                (values[0] if values else "auto") if arity == "?" else values)
+                (values[0] if values else actions[token].const) if arity == "?" else values)
     args.opts = opts
     return args
-
-
-def _fail(err: BaseException, status: int, debug: bool, message: str | None = None):
-    """An expected error: one line on stderr and `status` (the traceback with --debug)."""
-    if debug:
-        raise err
-    if not getattr(err, "reported_by_rank0", False):
-        print(f"error: {message or one_sentence(err)}", file=sys.stderr)
-    raise SystemExit(status)
-
-
-def one_sentence(err: BaseException) -> str:
-    """The error's own message; for an error re-raised from a DataLoader worker, its last line."""
-    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
-    if "Original Traceback" in text:  # torch's ExceptionWrapper: the worker's whole traceback
-        last = [line for line in text.splitlines() if line.strip()][-1]
-        text = re.sub(r"^[\w.]+: ", "", last)
-    return text.strip() or type(err).__name__
 
 
 def _load(parser: argparse.ArgumentParser, args):
     try:
         return load_cfg(args.cfg, args.opts)
     except (ConfigError, ValueError) as err:
-        _fail(err, 2, args.debug)
+        fail(err, 2, args.debug)
 
 
 def _config_files() -> list[str]:
@@ -167,7 +157,7 @@ def train_main(argv: list[str] | None = None) -> int:
                                            args.overwrite)
                 trainer = Trainer(cfg, resume=args.resume)
             except expected as err:
-                _fail(err, 2, args.debug)
+                fail(err, 2, args.debug)
             try:
                 results = trainer.train()
             except TrainingStopped as stop:
@@ -177,7 +167,7 @@ def train_main(argv: list[str] | None = None) -> int:
                     print(f"stopped at iteration {stop.iteration}; continue with: {resume_command(argv)}", flush=True)
                 return EXIT_STOPPED
             except expected as err:
-                _fail(err, 1, args.debug, _training_failure(err, trainer))
+                fail(err, 1, args.debug, _training_failure(err, trainer))
     finally:
         if lock is not None:
             lock.release()
@@ -241,7 +231,7 @@ def eval_main(argv: list[str] | None = None) -> int:
             folder = write_projector(cfg, paths, args.projector, os.path.join(out, "projector"))
             print(f"wrote the projector files to {folder} (tensorboard --logdir {folder})", file=sys.stderr)
     except _expected_errors() as err:
-        _fail(err, 2, args.debug)
+        fail(err, 2, args.debug)
     except KeyboardInterrupt:  # evaluation keeps no state worth saving: stop quietly
         if args.debug:
             raise

@@ -25,13 +25,13 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
+from .config.rules import MEMORY_FILL_FROM
 from .losses import build_loss
 from .memory import MemoryAdapter, as_memory_adapter, build_adapter, build_memory
 from .memory.cross_batch_memory import CrossBatchMemory, UndoPoint
 from .utils.distributed import all_gather_batch, all_gather_with_grad, get_rank, get_world_size
 
-# XBM.FILL_FROM: when the memory starts receiving batches.
-FILL_FROM = ("iteration_0", "start_iteration")
+FILL_FROM = MEMORY_FILL_FROM  # XBM.FILL_FROM: when the memory starts receiving batches
 
 
 class ObjectiveUndoPoint(NamedTuple):

@@ -1,10 +1,7 @@
 """Checks of a merged config that must fail before any data is read or any step is taken."""
 from yacs.config import CfgNode
 
-from .rules import SIZE_OF_TRAINING_SET
-
-# XBM.FILL_FROM: ours (every batch enters the memory) | the official trainer's (from XBM.START_ITERATION)
-MEMORY_FILL_FROM = ("iteration_0", "start_iteration")
+from .rules import MEMORY_FILL_FROM, check_global_batch
 
 
 def check_cfg(cfg: CfgNode) -> None:
@@ -17,11 +14,7 @@ def check_cfg(cfg: CfgNode) -> None:
             f"DATA.BATCH_SIZE ({batch}) must be a multiple of DATA.NUM_INSTANCES ({per_class}): "
             f"a batch holds BATCH_SIZE / NUM_INSTANCES classes, e.g. set DATA.BATCH_SIZE {max(1, batch // per_class) * per_class}"
         )
-    if cfg.XBM.ENABLE and cfg.XBM.SIZE != SIZE_OF_TRAINING_SET and cfg.XBM.SIZE < batch:
-        raise ValueError(
-            f"XBM.SIZE ({cfg.XBM.SIZE}) is smaller than DATA.BATCH_SIZE ({batch}): the memory must hold "
-            "at least one batch; raise XBM.SIZE or set XBM.ENABLE False"
-        )
+    check_global_batch(cfg, world_size=1)
     if cfg.XBM.FILL_FROM not in MEMORY_FILL_FROM:
         raise ValueError(f"XBM.FILL_FROM {cfg.XBM.FILL_FROM!r} is not one of {MEMORY_FILL_FROM}")
     if cfg.XBM.ENABLE and cfg.XBM.WEIGHT < 0:

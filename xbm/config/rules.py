@@ -25,6 +25,8 @@ MEMORY_ONLY_KEYS = ("XBM.SIZE", "XBM.START_ITERATION", "XBM.WEIGHT", "XBM.DTYPE"
                     "DRIFT.MEMORY_PROBE", "DRIFT.MEMORY_INTERVAL", "DRIFT.MEMORY_SAMPLES")
 
 MEMORY_SIZE_KEY = "XBM.SIZE"
+# XBM.FILL_FROM: ours (every batch enters the memory) | the official trainer's (from XBM.START_ITERATION)
+MEMORY_FILL_FROM = ("iteration_0", "start_iteration")
 # XBM.SIZE -1: one memory entry per training image, a number known once the training set is read.
 SIZE_OF_TRAINING_SET = -1
 # XBM.SIZE 0 in a sweep grid: no memory (XBM.ENABLE False; XBM.SIZE keeps the config's value).
@@ -49,16 +51,23 @@ def memory_size_overrides(raw: str, value: int) -> list[str]:
 
 
 def check_global_batch(cfg: CfgNode, world_size: int) -> None:
-    """The memory receives the batches of all ranks at once: it must hold one global batch."""
+    """The memory receives the batches of all ranks at once: it must hold one global batch (one process:
+    one batch)."""
     global_batch = world_size * cfg.DATA.BATCH_SIZE
     # XBM.SIZE -1 (the whole training set) is only known once the data is read.
-    if cfg.XBM.ENABLE and cfg.XBM.SIZE != SIZE_OF_TRAINING_SET and cfg.XBM.SIZE < global_batch:
+    if not cfg.XBM.ENABLE or cfg.XBM.SIZE == SIZE_OF_TRAINING_SET or cfg.XBM.SIZE >= global_batch:
+        return
+    if world_size == 1:
         raise ValueError(
-            f"XBM.SIZE ({cfg.XBM.SIZE}) is smaller than the global batch of this distributed run, "
-            f"DATA.BATCH_SIZE ({cfg.DATA.BATCH_SIZE}) per process x {world_size} processes = {global_batch}: "
-            f"the memory receives every process's batch each step; set XBM.SIZE >= {global_batch} "
-            "or lower DATA.BATCH_SIZE"
+            f"XBM.SIZE ({cfg.XBM.SIZE}) is smaller than DATA.BATCH_SIZE ({cfg.DATA.BATCH_SIZE}): the memory must "
+            "hold at least one batch; raise XBM.SIZE or set XBM.ENABLE False"
         )
+    raise ValueError(
+        f"XBM.SIZE ({cfg.XBM.SIZE}) is smaller than the global batch of this distributed run, "
+        f"DATA.BATCH_SIZE ({cfg.DATA.BATCH_SIZE}) per process x {world_size} processes = {global_batch}: "
+        f"the memory receives every process's batch each step; set XBM.SIZE >= {global_batch} "
+        "or lower DATA.BATCH_SIZE"
+    )
 
 
 def resolve_memory_size(cfg: CfgNode, num_train_images: int, world_size: int) -> CfgNode:

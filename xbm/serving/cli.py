@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..utils.errors import fail
 from .images import ImageInputError, image_paths
 from .index import INDEX_TYPES, IndexFolderError
 from .models import ModelInputError
@@ -22,13 +23,6 @@ def _model_options(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="images embedded per batch (default 64)")
     parser.add_argument("--workers", type=int, default=4, help="threads decoding images (default 4)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
-
-
-def _fail(parser: argparse.ArgumentParser, args, err: BaseException):
-    if getattr(args, "debug", False):
-        raise err
-    message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
-    parser.exit(2, f"error: {message}\n")
 
 
 def index_main(argv: list[str] | None = None) -> int:
@@ -74,7 +68,7 @@ def index_main(argv: list[str] | None = None) -> int:
                               batch_size=args.batch_size, workers=args.workers, skip_bad=args.skip_bad,
                               progress=not args.no_progress)
     except _EXPECTED as err:
-        _fail(parser, args, err)
+        fail(err, 2, args.debug)
     except KeyboardInterrupt:
         parser.exit(130, f"interrupted: {args.out} is as it was before this command\n")
     print(summary)
@@ -126,7 +120,7 @@ def search_main(argv: list[str] | None = None) -> int:
             rows = plot_results(args.plot, gallery, queries, results)
             print(f"wrote {args.plot} ({rows} queries)", file=sys.stderr)
     except _EXPECTED as err:
-        _fail(parser, args, err)
+        fail(err, 2, args.debug)
     return 0
 
 
@@ -145,7 +139,7 @@ def export_main(argv: list[str] | None = None) -> int:
     try:
         meta = export_model(args.ckpt, args.format, args.out, args.opts or None)
     except _EXPECTED as err:
-        _fail(parser, args, err)
+        fail(err, 2, args.debug)
     shape = "x".join(str(v) for v in meta["input"]["shape"])
     print(f"wrote {args.out} ({args.format}: {shape} {meta['input']['channel_order']} -> "
           f"{meta['output']['dim']}-d unit embeddings) and {args.out}.json")

@@ -151,14 +151,12 @@ def read_sidecar(model_file: str) -> dict:
 
 
 def _torch_device(name: str):
-    import torch
+    from ..utils.env import resolve_device
 
-    name = (name or "auto").lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelInputError(f"--device {name} asked for, but CUDA is not available here; use auto or cpu")
-    return torch.device(name)
+    try:
+        return resolve_device(name, key="--device")
+    except ValueError as err:
+        raise ModelInputError(str(err)) from None
 
 
 def _torchscript_runner(path: str, device: str) -> Callable[[np.ndarray], np.ndarray]:
