@@ -37,7 +37,7 @@ from xbm.data.datasets import build_dataset  # noqa: E402
 from xbm.data.sampler import MPerClassBatchSampler  # noqa: E402
 from xbm.data.transforms import build_transforms  # noqa: E402
 from xbm.engine import hooks  # noqa: E402
-from xbm.engine.trainer import Trainer  # noqa: E402
+from xbm.engine.defaults import DefaultTrainer  # noqa: E402
 from xbm.losses import build_loss  # noqa: E402
 from xbm.memory import CrossBatchMemory, MomentMatching  # noqa: E402
 from xbm.modeling import build_model  # noqa: E402
@@ -95,7 +95,7 @@ class StepTimer(hooks.HookBase):
 
 
 def time_trainer(cfg, warmup: int) -> float:
-    trainer = Trainer(cfg)
+    trainer = DefaultTrainer(cfg)
     trainer.hooks = [h for h in trainer.hooks if not isinstance(h, (hooks.EvalHook, hooks.PeriodicCheckpointer))]
     timer = StepTimer(warmup)
     trainer.register_hooks([timer])

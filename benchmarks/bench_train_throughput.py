@@ -1,6 +1,6 @@
 """Training throughput of the real training step, in images per second, per speed setting.
 
-The step is `Trainer.train_step` (network forward and backward, XBM memory adaptation and
+The step is `DefaultTrainer.train_step` (network forward and backward, XBM memory adaptation and
 enqueue, in-batch and memory losses, optimizer), fed with random uint8 images that already sit
 on the device: it measures the device, not JPEG decoding. Each setting is compared with float32
 on the same backbone in the same run (`vs fp32`), since absolute numbers on a shared machine vary.
@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from xbm.config import load_cfg  # noqa: E402
-from xbm.engine.trainer import Trainer  # noqa: E402
+from xbm.engine.defaults import DefaultTrainer  # noqa: E402
 
 SETTINGS = {
     "fp32": {"amp": False, "channels_last": False, "compile": False},
@@ -59,7 +59,7 @@ def amp_name(device: torch.device) -> str:
 
 
 def build_trainer(data_root: str, out: str, backbone: str, setting: str, device: torch.device, batch: int,
-                  size: int, memory: int, dim: int) -> Trainer:
+                  size: int, memory: int, dim: int) -> DefaultTrainer:
     flags = SETTINGS[setting]
     opts = [
         "OUTPUT_DIR", out, "DATA.NAME", "list", "DATA.ROOT", data_root, "MODEL.DEVICE", str(device),
@@ -70,7 +70,7 @@ def build_trainer(data_root: str, out: str, backbone: str, setting: str, device:
         "PERF.CHANNELS_LAST", str(flags["channels_last"]), "PERF.COMPILE", "inductor" if flags["compile"] else "",
         "TEST.EVAL_PERIOD", "0", "SOLVER.CHECKPOINT_PERIOD", "0",
     ]
-    return Trainer(load_cfg(opts=opts))
+    return DefaultTrainer(load_cfg(opts=opts))
 
 
 def sync(device: torch.device) -> None:
@@ -78,7 +78,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(trainer: Trainer, batch: int, size: int, steps: int, warmup: int) -> float:
+def measure(trainer: DefaultTrainer, batch: int, size: int, steps: int, warmup: int) -> float:
     """Images per second over `steps` timed steps, after `warmup` untimed ones (compilation, autotuning)."""
     device = trainer.device
     gen = torch.Generator(device=device).manual_seed(0)

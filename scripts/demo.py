@@ -47,14 +47,14 @@ def train(name: str, cfg_file: str, opts: list[str], folder: str, threads: int):
     """One run in this process, its console output in FOLDER/console.log; (name, test metrics, seconds)."""
     import torch
 
-    from xbm.engine.trainer import Trainer
+    from xbm.engine.defaults import DefaultTrainer
 
     torch.set_num_threads(threads)
     os.makedirs(folder, exist_ok=True)
     start = time.time()
     with open(os.path.join(folder, "console.log"), "w") as log, contextlib.redirect_stdout(log), \
             contextlib.redirect_stderr(log):
-        results = Trainer(load_cfg(cfg_file, opts)).train()
+        results = DefaultTrainer(load_cfg(cfg_file, opts)).train()
     return name, results["test"], time.time() - start
 
 

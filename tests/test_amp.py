@@ -6,7 +6,7 @@ import torch
 
 from xbm.config import load_cfg
 from xbm.engine import performance
-from xbm.engine.trainer import Trainer
+from xbm.engine.defaults import DefaultTrainer
 
 
 def _opts(root, out, *extra):
@@ -49,7 +49,7 @@ def _assert_same(a, b, path="state"):
 def test_a_non_finite_step_is_skipped_and_changes_nothing(glyph_root, tmp_path, poison):
     # XBN: the step would adapt (rewrite) the whole memory and move the adapter's filter state.
     cfg = load_cfg("configs/glyphs_axbn.yaml", _opts(glyph_root, tmp_path / "run"))
-    trainer = Trainer(cfg)
+    trainer = DefaultTrainer(cfg)
     batches = _batches(trainer, 5)
     for images, labels, _ in batches[:3]:
         trainer.train_step(images, labels)
@@ -83,7 +83,7 @@ def test_a_non_finite_step_is_skipped_and_changes_nothing(glyph_root, tmp_path, 
 def test_skipped_steps_are_counted_in_the_log_and_the_checkpoint(glyph_root, tmp_path):
     out = tmp_path / "run"
     cfg = load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, out, "SOLVER.MAX_ITERS", "6"))
-    trainer = Trainer(cfg)
+    trainer = DefaultTrainer(cfg)
     real = trainer.objective.loss.forward
     trainer.objective.loss.forward = lambda *a, **k: real(*a, **k) * (float("nan") if trainer.iteration in (1, 3) else 1)
     trainer.train()
@@ -101,7 +101,7 @@ def test_skipped_steps_are_counted_in_the_log_and_the_checkpoint(glyph_root, tmp
 def test_bf16_autocast_trains_on_the_cpu(glyph_root, tmp_path):
     cfg = load_cfg("configs/glyphs_xbn.yaml", _opts(glyph_root, tmp_path / "run", "SOLVER.AMP", "bf16",
                                                      "SOLVER.MAX_ITERS", "4"))
-    trainer = Trainer(cfg)
+    trainer = DefaultTrainer(cfg)
     seen = []
     trainer.model.backbone.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
     results = trainer.train()

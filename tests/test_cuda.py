@@ -8,7 +8,7 @@ import torch
 
 from xbm.config import load_cfg
 from xbm.engine.checkpoint import load_checkpoint
-from xbm.engine.trainer import Trainer
+from xbm.engine.defaults import DefaultTrainer
 from xbm.evaluation import evaluate, search
 from xbm.losses import ContrastiveLoss, MultiSimilarityLoss, SupConLoss, TripletLoss
 
@@ -34,14 +34,14 @@ def _clustered(n, dim, seed=0, device="cpu"):
 @pytest.mark.parametrize("amp", ["fp16", "bf16"])
 def test_mixed_precision_training_and_resume_on_the_gpu(glyph_root, tmp_path, amp):
     out = tmp_path / "run"
-    first = Trainer(load_cfg("configs/glyphs_xbn.yaml", _opts(glyph_root, out, "SOLVER.AMP", amp,
+    first = DefaultTrainer(load_cfg("configs/glyphs_xbn.yaml", _opts(glyph_root, out, "SOLVER.AMP", amp,
                                                                "SOLVER.MAX_ITERS", "6")))
     assert first.objective.memory.feats.is_cuda
     first.train()
     state = load_checkpoint(str(out / "checkpoints" / "last.pth"))
     assert len(state["rng"]["cuda"]) == torch.cuda.device_count()
     # The crash this guards against: resuming on a GPU put the random states on the GPU.
-    resumed = Trainer(load_cfg("configs/glyphs_xbn.yaml", _opts(glyph_root, out, "SOLVER.AMP", amp,
+    resumed = DefaultTrainer(load_cfg("configs/glyphs_xbn.yaml", _opts(glyph_root, out, "SOLVER.AMP", amp,
                                                                  "SOLVER.MAX_ITERS", "8")), resume="auto")
     assert resumed.iteration == 6
     results = resumed.train()
@@ -50,7 +50,7 @@ def test_mixed_precision_training_and_resume_on_the_gpu(glyph_root, tmp_path, am
 
 
 def test_evaluation_stays_on_the_gpu_and_matches_the_cpu(glyph_root, tmp_path):
-    trainer = Trainer(load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, tmp_path / "run")))
+    trainer = DefaultTrainer(load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, tmp_path / "run")))
     dataset = trainer.evaluator.tasks["test"][0]
     from xbm.evaluation.evaluator import compute_embeddings
 
@@ -103,8 +103,8 @@ def test_unchecked_loss_on_the_gpu_gives_the_same_bits(cls):
 
 
 def test_uint8_transfer_and_channels_last_on_the_gpu(glyph_root, tmp_path):
-    plain = Trainer(load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, tmp_path / "a")))
-    fast = Trainer(load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, tmp_path / "b", "DATA.UINT8_TRANSFER", "True",
+    plain = DefaultTrainer(load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, tmp_path / "a")))
+    fast = DefaultTrainer(load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, tmp_path / "b", "DATA.UINT8_TRANSFER", "True",
                                                               "PERF.CHANNELS_LAST", "True")))
     images = next(iter(plain.train_loader()))[0]
     pixels = next(iter(fast.train_loader()))[0]
@@ -116,7 +116,7 @@ def test_uint8_transfer_and_channels_last_on_the_gpu(glyph_root, tmp_path):
 
 
 def test_compile_with_inductor_trains_on_the_gpu(glyph_root, tmp_path):
-    trainer = Trainer(load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, tmp_path / "run", "PERF.COMPILE", "inductor",
+    trainer = DefaultTrainer(load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, tmp_path / "run", "PERF.COMPILE", "inductor",
                                                                  "SOLVER.MAX_ITERS", "3")))
     results = trainer.train()
     assert trainer.iteration == 3 and trainer.guard.skipped_steps == 0 and 0 < results["test"]["R@1"] <= 1

@@ -22,7 +22,7 @@ from xbm.data.sampler import MPerClassBatchSampler
 from xbm.engine.checkpoint import load_checkpoint
 from xbm.engine.hooks import HookBase
 from xbm.engine.run_guard import StopSignals, TrainingStopped
-from xbm.engine.trainer import Trainer
+from xbm.engine.defaults import DefaultTrainer
 from xbm.utils.distributed import (agree_on_step, all_gather_batch, all_gather_object, all_gather_with_grad,
                                    broadcast_object, get_rank, get_world_size, init_distributed,
                                    shutdown_distributed, sum_over_ranks)
@@ -116,7 +116,7 @@ def _train_opts(root, out, max_iters: int) -> list[str]:
         "TEST.EVAL_PERIOD", "10", "SOLVER.BASE_LR", "0.001", "SOLVER.MAX_ITERS", str(max_iters))]
 
 
-def _record_steps(trainer: Trainer) -> dict:
+def _record_steps(trainer: DefaultTrainer) -> dict:
     record = {"initial": {k: v.clone() for k, v in trainer.model.state_dict().items()}, "steps": []}
     batches = iter(trainer.train_loader())
     for _ in range(STEPS):
@@ -141,7 +141,7 @@ def _rank_worker(rank: int, port: int, root: str, folder: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
         for name, (config, extra, _) in CASES.items():
-            trainer = Trainer(load_cfg(config, _case_opts(root, os.path.join(folder, name), extra)))
+            trainer = DefaultTrainer(load_cfg(config, _case_opts(root, os.path.join(folder, name), extra)))
             torch.save(_record_steps(trainer), os.path.join(folder, f"{name}.rank{rank}.pt"))
         stopped = os.path.join(folder, "stopped")
         train_main(_train_opts(root, stopped, 10))
@@ -169,7 +169,7 @@ def _signal_on_one_rank(root: str, out: str, rank: int) -> dict:
                 StopSignals._requested = signal.SIGTERM  # what xbm-train's handler records
 
     cfg = load_cfg("configs/glyphs_xbn.yaml", _opts(root, out, "SOLVER.MAX_ITERS", "6", "SOLVER.LOG_PERIOD", "100"))
-    trainer = Trainer(cfg, extra_hooks=[SignalAfterTwo()])
+    trainer = DefaultTrainer(cfg, extra_hooks=[SignalAfterTwo()])
     dist.all_reduce = counting
     try:
         trainer.train()
@@ -194,7 +194,7 @@ def two_rank_runs(glyph_root, tmp_path_factory):
 def test_two_ranks_share_one_memory_and_the_gradients_of_one_process(glyph_root, two_rank_runs, tmp_path):
     for name, (config, extra, losses) in CASES.items():
         ranks = [torch.load(two_rank_runs / f"{name}.rank{r}.pt", weights_only=True) for r in range(WORLD)]
-        single = Trainer(load_cfg(config, _case_opts(glyph_root, tmp_path / f"{name}_single", extra, WORLD * BATCH)))
+        single = DefaultTrainer(load_cfg(config, _case_opts(glyph_root, tmp_path / f"{name}_single", extra, WORLD * BATCH)))
         single.model.load_state_dict(ranks[0]["initial"])
         sampler = MPerClassBatchSampler(single.train_set.labels, BATCH, 4, seed=0)
         train_labels = np.asarray(single.train_set.labels)

@@ -112,14 +112,14 @@ def test_a_run_with_the_covariance_filter_resumes_to_the_same_bits(glyph_root, t
     """xbn_full's running covariance rides in the checkpoint (xbn_age's only state is its call count)."""
     adapter = "xbn_full"
     from xbm.config import load_cfg
-    from xbm.engine.trainer import Trainer
+    from xbm.engine.defaults import DefaultTrainer
 
     def train(name, iters, resume=None):
         cfg = load_cfg("configs/glyphs_xbn.yaml", [
             "DATA.ROOT", str(glyph_root), "DATA.GLYPHS.MIN_FONTS", "4", "OUTPUT_DIR", str(tmp_path / name),
             "SOLVER.MAX_ITERS", str(iters), "XBM.START_ITERATION", "2", "XBM.SIZE", "48", "TEST.EVAL_PERIOD", "0",
             "XBM.ADAPT.NAME", adapter])
-        trainer = Trainer(cfg, resume=resume)
+        trainer = DefaultTrainer(cfg, resume=resume)
         trainer.train()
         return trainer
 

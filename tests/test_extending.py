@@ -14,7 +14,7 @@ from torch import nn
 from xbm.config import load_cfg
 from xbm.data.datasets import DATASET_REGISTRY, build_dataset
 from xbm.data.datasets.base import ImageListDataset, Record, read_lines
-from xbm.engine.trainer import Trainer
+from xbm.engine.defaults import DefaultTrainer
 from xbm.losses import LOSS_REGISTRY, build_loss
 from xbm.memory import ADAPTER_REGISTRY, build_adapter
 from xbm.modeling.backbones import BACKBONE_REGISTRY, build_backbone
@@ -125,7 +125,7 @@ def test_parts_registered_in_this_file_train_by_name(registered_here, image_root
     names = ["LOSS.NAME", "test_counting_cosine", "XBM.ADAPT.NAME", "test_counting_shift", "DATA.NAME", "test_toy_list"]
     cfg = load_cfg(None, _opts(image_root, tmp_path / "run", *names))  # the config check accepts the new names
     CALLS.update(dict.fromkeys(CALLS, 0))
-    results = Trainer(cfg).train()
+    results = DefaultTrainer(cfg).train()
     assert CALLS["inbatch"] == ITERS
     assert CALLS["memory"] == ITERS - START  # from XBM.START_ITERATION on
     assert CALLS["own_copy_found"] == CALLS["memory"]
@@ -169,6 +169,7 @@ def readme_modules():
 
 def test_readme_parts_match_their_reference(readme_modules, image_root):
     assert sorted(readme_modules) == ["my_adapter", "my_backbone", "my_dataset", "my_loss"]
+    assert "my_hook.py" in readme_files()
     cfg = load_cfg(None, ["DATA.NAME", "class_folders", "DATA.ROOT", str(image_root), "LOSS.NAME", "cosine_margin",
                           "XBM.ADAPT.NAME", "mean_shift", "MODEL.BACKBONE.NAME", "tiny"])
     gen = torch.Generator().manual_seed(0)
@@ -203,8 +204,22 @@ def test_readme_parts_match_their_reference(readme_modules, image_root):
 def test_readme_parts_train_by_name(readme_modules, image_root, tmp_path):
     names = ["LOSS.NAME", "cosine_margin", "XBM.ADAPT.NAME", "mean_shift", "MODEL.BACKBONE.NAME", "tiny",
              "DATA.NAME", "class_folders"]
-    results = Trainer(load_cfg(None, _opts(image_root, tmp_path / "run", *names))).train()
+    results = DefaultTrainer(load_cfg(None, _opts(image_root, tmp_path / "run", *names))).train()
     assert list(results) == ["test"] and 0.0 <= results["test"]["R@1"] <= 1.0
+
+
+def test_readme_hook_writes_one_line_per_step(glyph_root, tmp_path):
+    module = types.ModuleType("my_hook")
+    exec(compile(readme_files()["my_hook.py"], "README.md (my_hook.py)", "exec"), module.__dict__)
+    curve = tmp_path / "losses.tsv"
+    cfg = load_cfg("configs/glyphs_xbm.yaml", [
+        "DATA.ROOT", str(glyph_root), "DATA.GLYPHS.MIN_FONTS", "4", "OUTPUT_DIR", str(tmp_path / "run"),
+        "XBM.SIZE", "64", "SOLVER.MAX_ITERS", "3", "TEST.EVAL_PERIOD", "0"])
+    trainer = DefaultTrainer(cfg, extra_hooks=[module.LossCurve(str(curve))])
+    trainer.train()
+    lines = [line.split("\t") for line in curve.read_text().splitlines()]
+    assert [int(i) for i, _ in lines] == [1, 2, 3]
+    assert float(lines[-1][1]) == pytest.approx(float(trainer.step_outputs["loss/total"]), abs=1e-6)
 
 
 # -- the registry itself -----------------------------------------------------------------------------------

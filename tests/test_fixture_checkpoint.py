@@ -14,7 +14,7 @@ import yaml
 from xbm.cli import eval_main
 from xbm.config import load_cfg
 from xbm.engine.checkpoint import CHECKPOINT_KEYS, load_checkpoint
-from xbm.engine.trainer import Trainer
+from xbm.engine.defaults import DefaultTrainer
 
 FIXTURE = Path(__file__).parent / "fixtures" / "old_checkpoint"
 AT_6, AT_10 = FIXTURE / "iter_0000006.pth", FIXTURE / "iter_0000010.pth"
@@ -47,9 +47,9 @@ def _assert_metrics_match_the_old_run(metrics: dict) -> None:
     assert metrics["R@1"] <= metrics["R@10"] <= metrics["R@100"]
 
 
-def _resume(fixture_checkpoint: Path, output: str, *opts: str) -> Trainer:
+def _resume(fixture_checkpoint: Path, output: str, *opts: str) -> DefaultTrainer:
     cfg = load_cfg(str(FIXTURE / "config.yaml"), ["OUTPUT_DIR", output, *opts])
-    trainer = Trainer(cfg, resume=str(fixture_checkpoint))
+    trainer = DefaultTrainer(cfg, resume=str(fixture_checkpoint))
     trainer.train()
     return trainer
 

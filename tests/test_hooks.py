@@ -8,7 +8,7 @@ import torch
 from xbm.config import load_cfg
 from xbm.engine import hooks
 from xbm.engine.checkpoint import load_checkpoint
-from xbm.engine.trainer import Trainer
+from xbm.engine.defaults import DefaultTrainer
 
 
 class CountingHook(hooks.HookBase):
@@ -45,7 +45,7 @@ def _cfg(glyph_root, out, iters):
 
 
 def test_a_hook_from_outside_sees_every_step_and_its_state_is_resumed(glyph_root, tmp_path):
-    trainer = Trainer(_cfg(glyph_root, tmp_path / "run", 3))
+    trainer = DefaultTrainer(_cfg(glyph_root, tmp_path / "run", 3))
     hook = CountingHook()
     trainer.register_hooks([hook])
     trainer.train()
@@ -58,12 +58,12 @@ def test_a_hook_from_outside_sees_every_step_and_its_state_is_resumed(glyph_root
     saved = load_checkpoint(str(tmp_path / "run" / "checkpoints" / "last.pth"))
     assert saved["iteration"] == 3 and int(saved["counting"]) == 3
     again = CountingHook()
-    Trainer(_cfg(glyph_root, tmp_path / "run", 5), resume="auto", extra_hooks=[again]).train()
+    DefaultTrainer(_cfg(glyph_root, tmp_path / "run", 5), resume="auto", extra_hooks=[again]).train()
     assert again.losses == 5 and again.calls[0] == ("before_train", 3)
 
 
 def test_close_runs_when_a_step_fails(glyph_root, tmp_path):
-    trainer = Trainer(_cfg(glyph_root, tmp_path / "run", 4))
+    trainer = DefaultTrainer(_cfg(glyph_root, tmp_path / "run", 4))
     hook = CountingHook()
     trainer.register_hooks([hook])
 

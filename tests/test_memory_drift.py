@@ -159,12 +159,12 @@ def test_probe_sample_is_seeded_by_the_iteration_and_leaves_the_global_rngs_alon
 
 
 def _train(glyph_root, tmp_path, name, *opts):
-    from xbm.engine.trainer import Trainer
+    from xbm.engine.defaults import DefaultTrainer
 
     cfg = load_cfg("configs/glyphs_xbn.yaml", [
         "DATA.ROOT", str(glyph_root), "DATA.GLYPHS.MIN_FONTS", "4", "OUTPUT_DIR", str(tmp_path / name),
         "SOLVER.MAX_ITERS", "12", "XBM.START_ITERATION", "2", "XBM.SIZE", "64", "TEST.EVAL_PERIOD", "0", *opts])
-    trainer = Trainer(cfg)
+    trainer = DefaultTrainer(cfg)
     trainer.train()
     return trainer
 

@@ -223,14 +223,14 @@ def test_gradient_norms_are_each_terms_gradient_and_change_nothing():
 
 
 def test_logged_gradient_norms_leave_the_training_bit_identical(glyph_root, tmp_path):
-    from xbm.engine.trainer import Trainer
+    from xbm.engine.defaults import DefaultTrainer
 
     def train(name, log_norms):
         cfg = load_cfg("configs/glyphs_xbm.yaml", [
             "DATA.ROOT", str(glyph_root), "DATA.GLYPHS.MIN_FONTS", "4", "OUTPUT_DIR", str(tmp_path / name),
             "SOLVER.MAX_ITERS", "6", "SOLVER.LOG_PERIOD", "3", "XBM.START_ITERATION", "1", "XBM.SIZE", "64",
             "TEST.EVAL_PERIOD", "0", "SOLVER.LOG_GRAD_NORMS", str(log_norms)])
-        trainer = Trainer(cfg)
+        trainer = DefaultTrainer(cfg)
         trainer.train()
         return trainer, (tmp_path / name / "log.txt").read_text()
 

@@ -10,7 +10,7 @@ from xbm.data.datasets import build_dataset
 from xbm.data.transforms import BNINCEPTION_CONVENTION, BackboneInput, build_transforms, to_backbone_input
 from xbm.engine import checkpoint as checkpoint_module
 from xbm.engine import performance
-from xbm.engine.trainer import Trainer
+from xbm.engine.defaults import DefaultTrainer
 from xbm.evaluation import search
 from xbm.utils.env import resolve_device
 
@@ -25,7 +25,7 @@ def _opts(root, out, *extra):
 
 @pytest.fixture
 def torch_flags():
-    """Trainer() sets process-wide backend flags: put them back after the test."""
+    """DefaultTrainer() sets process-wide backend flags: put them back after the test."""
     saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
              torch.backends.cudnn.deterministic, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     yield
@@ -39,7 +39,7 @@ def _refused(tmp_path, *extra):
     # DATA.ROOT does not exist: an error about anything but the data proves none was read.
     cfg = load_cfg("configs/glyphs_xbm.yaml", _opts(tmp_path / "no_data", tmp_path / "run", *extra))
     with pytest.raises(ValueError) as info:
-        Trainer(cfg)
+        DefaultTrainer(cfg)
     message = str(info.value)
     assert "\n" not in message and "no_data" not in message
     return message
@@ -130,7 +130,7 @@ def test_uint8_transfer_trains_to_the_same_weights(glyph_root, tmp_path, torch_f
     for flag in ("False", "True"):
         cfg = load_cfg("configs/glyphs_xbn.yaml", _opts(glyph_root, tmp_path / flag, "DATA.UINT8_TRANSFER", flag,
                                                          "SOLVER.MAX_ITERS", "3"))
-        trainer = Trainer(cfg)
+        trainer = DefaultTrainer(cfg)
         runs[flag] = (trainer.train(), trainer.model.state_dict())
     assert runs["True"][0] == runs["False"][0]
     for name, value in runs["False"][1].items():
@@ -138,10 +138,10 @@ def test_uint8_transfer_trains_to_the_same_weights(glyph_root, tmp_path, torch_f
 
 
 def test_channels_last_and_compile_train_on_the_cpu(glyph_root, tmp_path, torch_flags):
-    plain = Trainer(load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, tmp_path / "plain", "SOLVER.MAX_ITERS", "3")))
+    plain = DefaultTrainer(load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, tmp_path / "plain", "SOLVER.MAX_ITERS", "3")))
     cfg = load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, tmp_path / "fast", "SOLVER.MAX_ITERS", "3",
                                                      "PERF.CHANNELS_LAST", "True", "PERF.COMPILE", "aot_eager"))
-    fast = Trainer(cfg)
+    fast = DefaultTrainer(cfg)
     conv = next(m for m in fast.model.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert fast.network is not fast.model  # the compiled module, sharing the model's parameters
@@ -159,7 +159,7 @@ def test_channels_last_and_compile_train_on_the_cpu(glyph_root, tmp_path, torch_
 # ------------------------------------------------------------------ resume: random states stay on the CPU
 def test_resume_reads_random_states_on_the_cpu_whatever_the_device(glyph_root, tmp_path, monkeypatch, torch_flags):
     out = tmp_path / "run"
-    Trainer(load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, out, "SOLVER.MAX_ITERS", "2"))).train()
+    DefaultTrainer(load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, out, "SOLVER.MAX_ITERS", "2"))).train()
     real_load = checkpoint_module.load_checkpoint
     mapped_to = []
 
@@ -174,9 +174,9 @@ def test_resume_reads_random_states_on_the_cpu_whatever_the_device(glyph_root, t
         return state
 
     monkeypatch.setattr("xbm.engine.checkpoint.load_checkpoint", load_like_torch)
-    trainer = Trainer(load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, out, "SOLVER.MAX_ITERS", "4")))
+    trainer = DefaultTrainer(load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, out, "SOLVER.MAX_ITERS", "4")))
     trainer.device = torch.device("meta")  # as if the run were on a GPU
-    trainer._resume("auto")
+    trainer.resume("auto")
     assert trainer.iteration == 2 and mapped_to == ["cpu"]
 
 
@@ -197,7 +197,7 @@ def test_cuda_random_states_of_missing_gpus_are_skipped_and_named(monkeypatch):
 def test_evaluation_shows_progress_and_keeps_embeddings_on_the_device(glyph_root, tmp_path, capsys, torch_flags):
     from xbm.evaluation.evaluator import compute_embeddings
 
-    trainer = Trainer(load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, tmp_path / "run")))
+    trainer = DefaultTrainer(load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, tmp_path / "run")))
     trainer.evaluate()
     assert "embed test" in capsys.readouterr().err
     dataset = trainer.evaluator.tasks["test"][0]
@@ -222,7 +222,7 @@ def test_a_checkpoint_trained_with_fp16_evaluates_on_the_cpu(glyph_root, tmp_pat
     from xbm.engine.evaluation_tool import config_of_checkpoint, evaluate_checkpoints
 
     out = tmp_path / "run"
-    Trainer(load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, out, "SOLVER.MAX_ITERS", "2"))).train()
+    DefaultTrainer(load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, out, "SOLVER.MAX_ITERS", "2"))).train()
     path = str(out / "checkpoints" / "last.pth")
     # as if trained on a GPU with fp16: the CPU embeds in float32 instead of refusing
     cfg = config_of_checkpoint(path, ["SOLVER.AMP", "fp16"])

@@ -207,14 +207,14 @@ def test_plateau_factor_matches_torch_reduce_lr_on_plateau():
 
 
 def _plateau_trainer(glyph_root, tmp_path, *extra):
-    from xbm.engine.trainer import Trainer
+    from xbm.engine.defaults import DefaultTrainer
 
     cfg = load_cfg("configs/glyphs_xbm.yaml", [
         "OUTPUT_DIR", str(tmp_path / "run"), "DATA.ROOT", str(glyph_root), "DATA.GLYPHS.MIN_FONTS", "4",
         "MODEL.DEVICE", "cpu", "MODEL.HEAD.DIM", "16", "DATA.BATCH_SIZE", "8", "XBM.SIZE", "32",
         "SOLVER.MAX_ITERS", "5", "SOLVER.BASE_LR", "0.001", "TEST.EVAL_PERIOD", "1",
         "SOLVER.CHECKPOINT_PERIOD", "0", "DATA.VAL_FRACTION", "0.3", *extra])
-    return Trainer(cfg)
+    return DefaultTrainer(cfg)
 
 
 def _scripted(trainer, val_scores, test_scores):
@@ -281,14 +281,14 @@ def test_no_best_on_test_report_by_default(glyph_root, tmp_path):
 @pytest.mark.parametrize("fill_from, expected", [("iteration_0", [8, 16, 24, 32, 32]),
                                                  ("start_iteration", [0, 0, 0, 8, 16])])
 def test_memory_fill_from(glyph_root, tmp_path, fill_from, expected):
-    from xbm.engine.trainer import Trainer
+    from xbm.engine.defaults import DefaultTrainer
 
     cfg = load_cfg("configs/glyphs_xbm.yaml", [
         "OUTPUT_DIR", str(tmp_path / "run"), "DATA.ROOT", str(glyph_root), "DATA.GLYPHS.MIN_FONTS", "4",
         "MODEL.DEVICE", "cpu", "MODEL.HEAD.DIM", "16", "DATA.BATCH_SIZE", "8", "XBM.SIZE", "32",
         "XBM.START_ITERATION", "3", "XBM.FILL_FROM", fill_from, "SOLVER.MAX_ITERS", "5",
         "TEST.EVAL_PERIOD", "0", "SOLVER.CHECKPOINT_PERIOD", "0"])
-    trainer = Trainer(cfg)
+    trainer = DefaultTrainer(cfg)
     batches = iter(trainer.train_loader())
     sizes, memory_losses = [], []
     for _ in range(5):

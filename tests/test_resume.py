@@ -11,7 +11,8 @@ import torch
 
 from xbm.config import load_cfg
 from xbm.engine.checkpoint import load_checkpoint
-from xbm.engine.trainer import NonFiniteLossError, Trainer
+from xbm.engine.defaults import DefaultTrainer
+from xbm.engine.trainer import NonFiniteLossError
 
 
 def _opts(root, out, *extra):
@@ -71,21 +72,21 @@ def test_killed_run_resumes_to_the_same_weights_memory_and_metrics(glyph_root, t
 
 def test_resume_refuses_a_checkpoint_of_another_config(glyph_root, tmp_path):
     out = tmp_path / "run"
-    Trainer(load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, out, "SOLVER.MAX_ITERS", "2"))).train()
+    DefaultTrainer(load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, out, "SOLVER.MAX_ITERS", "2"))).train()
     other = load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, out, "MODEL.HEAD.DIM", "16", "XBM.SIZE", "40"))
     with pytest.raises(ValueError, match=r"MODEL\.HEAD\.DIM: 32 -> 16.*XBM\.SIZE: 36 -> 40"):
-        Trainer(other, resume="auto")
+        DefaultTrainer(other, resume="auto")
     # a longer schedule or another device is not a different experiment; SOLVER.RESUME works as --resume
     longer = load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, out, "SOLVER.MAX_ITERS", "3", "SOLVER.RESUME", "auto"))
-    assert Trainer(longer).iteration == 2
-    assert Trainer(load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, out))).iteration == 0
+    assert DefaultTrainer(longer).iteration == 2
+    assert DefaultTrainer(load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, out))).iteration == 0
 
 
 def test_a_non_finite_loss_that_persists_stops_and_keeps_the_last_good_checkpoint(glyph_root, tmp_path):
     out = tmp_path / "run"
     cfg = load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, out, "SOLVER.MAX_ITERS", "10",
                                                      "SOLVER.CHECKPOINT_PERIOD", "1", "SOLVER.MAX_NONFINITE_STEPS", "3"))
-    trainer = Trainer(cfg)
+    trainer = DefaultTrainer(cfg)
     real_loss = trainer.objective.loss.forward
 
     def loss_that_explodes(*args, **kwargs):
@@ -112,7 +113,7 @@ def test_validation_split_selects_best_checkpoint(glyph_root, tmp_path):
     out = tmp_path / "run"
     cfg = load_cfg("configs/glyphs_baseline.yaml", _opts(glyph_root, out, "SOLVER.MAX_ITERS", "6",
                                                           "TEST.EVAL_PERIOD", "3", "DATA.VAL_FRACTION", "0.3"))
-    trainer = Trainer(cfg)
+    trainer = DefaultTrainer(cfg)
     assert len(trainer.evaluator.tasks["val"][0]) + len(trainer.train_set) == 198
     trainer.train()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -125,6 +126,6 @@ def test_validation_split_selects_best_checkpoint(glyph_root, tmp_path):
 
 def test_memory_sized_to_the_training_set(glyph_root, tmp_path):
     cfg = load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, tmp_path / "run", "XBM.SIZE", "-1"))
-    trainer = Trainer(cfg)
+    trainer = DefaultTrainer(cfg)
     assert trainer.objective.memory.size == len(trainer.train_set) == 198
     assert "SIZE: 198" in (tmp_path / "run" / "config.yaml").read_text()

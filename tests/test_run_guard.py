@@ -513,10 +513,10 @@ def test_an_image_that_fails_to_decode_mid_run_names_it_and_the_checkpoint(glyph
 
 # ------------------------------------------------------------------ what the log says
 def test_log_starts_with_the_config_and_reports_queries_without_positives_once(glyph_root, tmp_path):
-    from xbm.engine.trainer import Trainer
+    from xbm.engine.defaults import DefaultTrainer
 
     out = tmp_path / "run"
-    trainer = Trainer(load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, out, "XBM.WEIGHT", "1")))
+    trainer = DefaultTrainer(load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, out, "XBM.WEIGHT", "1")))
     metrics = {"R@1": 0.5, "num_queries": 30, "num_queries_without_positive": 7}
     trainer.evaluator = lambda model: {"test": dict(metrics)}
     trainer.evaluate()
@@ -538,7 +538,7 @@ def _ddp_worker(rank: int, port: int, root: str, folder: str) -> None:
     """Both ranks: a refused OUTPUT_DIR; a run signalled on rank 1 alone, resumed; the same run whole."""
     import torch.distributed as dist
 
-    from xbm.engine.trainer import Trainer
+    from xbm.engine.defaults import DefaultTrainer
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
@@ -548,7 +548,7 @@ def _ddp_worker(rank: int, port: int, root: str, folder: str) -> None:
             codes["held"] = train_main(_ddp_opts(root, os.path.join(folder, "held"), 4))
         except SystemExit as exit_info:
             codes["held"] = exit_info.code
-        original_step = Trainer.train_step
+        original_step = DefaultTrainer.train_step
 
         def step_then_signal(self, images, labels, *item_ids):
             parts = original_step(self, images, labels, *item_ids)
@@ -556,9 +556,9 @@ def _ddp_worker(rank: int, port: int, root: str, folder: str) -> None:
                 os.kill(os.getpid(), signal.SIGTERM)
             return parts
 
-        Trainer.train_step = step_then_signal
+        DefaultTrainer.train_step = step_then_signal
         codes["stopped"] = train_main(_ddp_opts(root, os.path.join(folder, "stopped"), 20))
-        Trainer.train_step = original_step
+        DefaultTrainer.train_step = original_step
         dist.barrier()  # rank 0 has written its checkpoint
         codes["stopped_at"] = load_checkpoint(os.path.join(folder, "stopped", "checkpoints", "last.pth"))["iteration"]
         codes["resumed"] = train_main(_ddp_opts(root, os.path.join(folder, "stopped"), 20, "--resume"))

@@ -60,7 +60,7 @@ def test_loss_free_steps_advance_the_schedule_without_a_warning(glyph_root, tmp_
     # yet the learning rate follows the iteration count, and PyTorch's scheduler-order warning
     # (meant for code that forgot optimizer.step()) is not shown.
     from xbm.config import load_cfg
-    from xbm.engine.trainer import Trainer
+    from xbm.engine.defaults import DefaultTrainer
 
     cfg = load_cfg("configs/glyphs_xbm.yaml", [
         "OUTPUT_DIR", str(tmp_path / "run"), "DATA.ROOT", str(glyph_root), "DATA.GLYPHS.MIN_FONTS", "4",
@@ -68,7 +68,7 @@ def test_loss_free_steps_advance_the_schedule_without_a_warning(glyph_root, tmp_
         "XBM.START_ITERATION", "3", "LOSS.INBATCH_WEIGHT", "0.0", "SOLVER.MAX_ITERS", "5",
         "SOLVER.WARMUP_ITERS", "10", "SOLVER.BASE_LR", "0.001", "TEST.EVAL_PERIOD", "0",
         "SOLVER.CHECKPOINT_PERIOD", "0"])
-    trainer = Trainer(cfg)
+    trainer = DefaultTrainer(cfg)
     start = [p.detach().clone() for p in trainer.model.parameters()]
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)

@@ -46,7 +46,7 @@ def vit(glyph_root, tmp_path_factory):
     from xbm.data.datasets import build_dataset
     from xbm.data.transforms import build_transforms
     from xbm.evaluation.evaluator import compute_embeddings
-    from xbm.engine.trainer import Trainer
+    from xbm.engine.defaults import DefaultTrainer
 
     base = tmp_path_factory.mktemp("timm_serving")
     config = base / "tiny_vit.yaml"
@@ -58,7 +58,7 @@ def vit(glyph_root, tmp_path_factory):
             "OUTPUT_DIR", str(base / name), "MODEL.HEAD.DIM", str(dim), "SOLVER.MAX_ITERS", "3",
             "SOLVER.WARMUP_ITERS", "0", "SOLVER.CHECKPOINT_PERIOD", "0", "TEST.EVAL_PERIOD", "0",
             "TEST.BATCH_SIZE", "64"])
-        trainer = Trainer(cfg)
+        trainer = DefaultTrainer(cfg)
         trainer.train()
         model = trainer.model.eval()
         test = build_dataset(cfg, "test", build_transforms(cfg, train=False))

@@ -226,7 +226,7 @@ FAST_RUN = "sop_vit_xbn.yaml"
 
 
 def _two_step_run(name, tmp_path):
-    from xbm.engine.trainer import Trainer
+    from xbm.engine.defaults import DefaultTrainer
 
     ds = name.split("_vit_")[0]
     root = tmp_path / "data"
@@ -241,7 +241,7 @@ def _two_step_run(name, tmp_path):
         opts += ["XBM.START_ITERATION", "1"] + (["XBM.SIZE", "16"] if base.XBM.SIZE > 0 else [])
     else:  # batches of 4 classes x 2 (CUB and Cars take 9 per class)
         opts += ["DATA.NUM_INSTANCES", "2"]
-    trainer = Trainer(load_cfg(f"configs/{name}", opts))
+    trainer = DefaultTrainer(load_cfg(f"configs/{name}", opts))
     model = trainer.model
     assert model.backbone.model_name == base.MODEL.BACKBONE.NAME.split(":", 1)[1]
     assert model.head.fc.out_features == 384

@@ -143,7 +143,7 @@ def train_main(argv: list[str] | None = None) -> int:
     cfg = _load(parser, args)
     from .engine.run_guard import EXIT_STOPPED, StopSignals, TrainingStopped, claim_for_all_ranks, resume_command
     from .engine.setup import format_results
-    from .engine.trainer import Trainer
+    from .engine.defaults import DefaultTrainer
     from .utils.distributed import shutdown_distributed
 
     from .utils.logger import setup_logger
@@ -155,7 +155,7 @@ def train_main(argv: list[str] | None = None) -> int:
             try:
                 lock = claim_for_all_ranks(cfg.OUTPUT_DIR, cfg.MODEL.DEVICE, bool(args.resume or cfg.SOLVER.RESUME),
                                            args.overwrite)
-                trainer = Trainer(cfg, resume=args.resume)
+                trainer = DefaultTrainer(cfg, resume=args.resume)
             except expected as err:
                 fail(err, 2, args.debug)
             try:

@@ -6,31 +6,35 @@ The trainer calls, in the order the hooks were registered:
                                      steps done: it is already advanced in after_step)
     after_train()                    once, after the last step (not when a hook raised)
     close()                          always, last, even when a hook or the step raised
-A hook that holds state a resumed run needs returns it from `state_dict()` as top-level
-checkpoint entries and reads it back in `load_state_dict(checkpoint)`; every rank's hooks are
-asked, and only rank 0 writes files.
+A hook is built with everything it needs as arguments (xbm/engine/defaults.py builds the default ones
+from a config); from the trainer it reads only the loop's own state (iteration, max_iters, model,
+objective, optimizer, scaler, guard, step_outputs, stop_requested, world_size, device). A hook that
+holds state a resumed run needs returns it from `state_dict()` as top-level checkpoint entries and reads
+it back in `load_state_dict(checkpoint)`; every rank's hooks are asked, and only rank 0 writes files.
 
-The default hooks, in order (Trainer.build_hooks): StopOnSignal, DriftProbe (DRIFT.ENABLE),
-MemoryDriftProbe (DRIFT.MEMORY_PROBE), MetricWriter, PeriodicCheckpointer, EvalHook. A new hook is a
-subclass of HookBase passed to `Trainer(cfg, extra_hooks=[...])` (or `trainer.register_hooks([...])`);
-the loop does not change.
+The default hooks, in order (DefaultTrainer.build_hooks): StopOnSignal, DriftProbe (DRIFT.ENABLE),
+MemoryDriftProbe (DRIFT.MEMORY_PROBE), MetricWriter, PeriodicCheckpointer, EvalHook, and the hooks that
+act on each evaluation, which EvalHook calls in order: EvaluationWriter, BestCheckpointer, PlateauLR,
+BestOnTestReport. A new hook is a subclass of HookBase passed to `DefaultTrainer(cfg, extra_hooks=[...])`
+(or `trainer.register_hooks([...])`); the loop does not change.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
+from typing import Callable, Sequence
 
 import torch
 from tqdm import tqdm
 
 from ..diagnostics.drift import DriftMonitor
 from ..diagnostics.memory_drift import MemoryProbe
-from ..utils.distributed import broadcast_object, sum_over_ranks
+from ..utils.distributed import sum_over_ranks
 from ..utils.files import write_atomically
-from .checkpoint import save_checkpoint
 from .run_guard import StopSignals, TrainingStopped
-from .setup import build_drift_monitor, build_memory_probe, format_results
+from .solver import PlateauFactor, apply_scheduled_lr
 
 
 class HookBase:
@@ -61,10 +65,13 @@ class HookBase:
 
 
 class StopOnSignal(HookBase):
-    """SIGINT/SIGTERM (xbm-train's handlers): save last.pth and stop before the next step, on every
-    rank alike. One process reads its own signal; under DDP the ranks act on the flag agreed in the last
-    step's all-reduce (`Trainer.stop_requested`: no collective of its own), so a signal is acted on before
-    the step after the one whose all-reduce saw it."""
+    """SIGINT/SIGTERM (xbm-train's handlers): `save()` and stop before the next step, on every rank alike,
+    with TrainingStopped naming `checkpoint_path`. One process reads its own signal; under DDP the ranks act
+    on the flag agreed in the last step's all-reduce (`trainer.stop_requested`: no collective of its own),
+    so a signal is acted on before the step after the one whose all-reduce saw it."""
+
+    def __init__(self, save: Callable[[], None], checkpoint_path: str):
+        self.save, self.checkpoint_path = save, checkpoint_path
 
     def before_step(self) -> None:
         trainer = self.trainer
@@ -74,26 +81,38 @@ class StopOnSignal(HookBase):
         else:
             signal_name = (local or "a signal on another rank") if trainer.stop_requested else None
         if signal_name:
-            trainer.save()
-            raise TrainingStopped(trainer.iteration, trainer.checkpoint_path, signal_name)
+            self.save()
+            raise TrainingStopped(trainer.iteration, self.checkpoint_path, signal_name)
+
+
+class ScalarRecord:
+    """Measurements to tensorboard and as lines {"iteration": N, name: value, ...} of one JSON-lines file
+    (drift.jsonl: the two drift probes share it)."""
+
+    def __init__(self, path: str, writer):
+        self.path, self.writer = path, writer
+
+    def __call__(self, iteration: int, values: dict) -> None:
+        for name, value in values.items():
+            self.writer.add_scalar(name, value, iteration)
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"iteration": iteration, **values}) + "\n")
 
 
 class DriftProbe(HookBase):
-    """DRIFT.ENABLE: the drift of a fixed probe set's embeddings every DRIFT.INTERVAL iterations, in
-    drift.jsonl (its own file: metrics.jsonl lines are evaluations) and tensorboard. Rank 0 only."""
+    """DRIFT.ENABLE: the drift of a fixed probe set's embeddings every DRIFT.INTERVAL iterations (the
+    monitor's), to `record`. Rank 0 only."""
 
-    def __init__(self, monitor: DriftMonitor):
-        self.monitor = monitor
+    def __init__(self, monitor: DriftMonitor, record: ScalarRecord):
+        self.monitor, self.record = monitor, record
 
     def before_train(self) -> None:
         self.monitor.step(self.trainer.model, self.trainer.iteration)  # the first snapshot
 
     def after_step(self) -> None:
-        trainer = self.trainer
-        drift = self.monitor.step(trainer.model, trainer.iteration)
-        if drift is None:
-            return
-        write_drift(trainer, drift)
+        drift = self.monitor.step(self.trainer.model, self.trainer.iteration)
+        if drift is not None:
+            self.record(self.trainer.iteration, drift)
 
     def state_dict(self) -> dict:
         return {"drift": self.monitor.state_dict()}
@@ -106,57 +125,39 @@ class DriftProbe(HookBase):
 class MemoryDriftProbe(HookBase):
     """DRIFT.MEMORY_PROBE: every DRIFT.MEMORY_INTERVAL iterations, how far a random sample of the memory's
     entries is from the current network's embeddings of their images, as stored and as enqueued
-    (xbm/diagnostics/memory_drift.py), in drift.jsonl and tensorboard. Rank 0 only; no state to resume."""
+    (xbm/diagnostics/memory_drift.py), to `record`. Rank 0 only; no state to resume."""
 
-    def __init__(self, probe: MemoryProbe):
-        self.probe = probe
+    def __init__(self, probe: MemoryProbe, record: ScalarRecord):
+        self.probe, self.record = probe, record
 
     def after_step(self) -> None:
         trainer = self.trainer
         measured = self.probe.step(trainer.model, trainer.objective.memory, trainer.iteration)
         if measured is not None:
-            write_drift(trainer, measured)
-
-
-def write_drift(trainer, values: dict) -> None:
-    """A measurement to tensorboard and as one line of drift.jsonl (the two drift probes share the file)."""
-    for name, value in values.items():
-        trainer.writer.add_scalar(name, value, trainer.iteration)
-    with open(os.path.join(trainer.output_dir, "drift.jsonl"), "a") as f:
-        f.write(json.dumps({"iteration": trainer.iteration, **values}) + "\n")
-
-
-def probe_hooks(trainer) -> list[HookBase]:
-    """The measuring hooks the config asks for, on rank 0 (DRIFT.ENABLE, and DRIFT.MEMORY_PROBE when
-    there is a memory)."""
-    cfg, hooks = trainer.cfg, []
-    if not trainer.is_main:
-        return hooks
-    if cfg.DRIFT.ENABLE:
-        hooks.append(DriftProbe(build_drift_monitor(cfg, trainer.device)))
-    if cfg.DRIFT.MEMORY_PROBE and trainer.objective.memory is not None:
-        hooks.append(MemoryDriftProbe(build_memory_probe(cfg, trainer.train_set, trainer.device, trainer.world_size)))
-    return hooks
+            self.record(trainer.iteration, measured)
 
 
 class MetricWriter(HookBase):
-    """The progress bar, and every SOLVER.LOG_PERIOD iterations (and the last) the step's losses,
-    pair counts (SOLVER.LOG_GRAD_NORMS: gradient norms), learning rate, AMP and memory figures to
-    tensorboard and the log. The losses are
-    averaged over ranks and the pair counts summed (a collective)."""
+    """The progress bar, and every `period` iterations (and the last) the step's losses, pair counts
+    (gradient norms when the objective computed them), learning rate, AMP and memory figures to
+    `writer` (tensorboard) and `logger` (debug level: log.txt). The losses are averaged over ranks and
+    the pair counts summed (a collective: every rank has one; only `is_main` writes)."""
+
+    def __init__(self, period: int, writer, logger: logging.Logger, is_main: bool = True):
+        self.period, self.writer, self.logger, self.is_main = max(1, period), writer, logger, is_main
 
     def before_train(self) -> None:
         trainer = self.trainer
         self.progress = tqdm(total=trainer.max_iters, initial=trainer.iteration, desc="train",
-                             dynamic_ncols=True, disable=not trainer.is_main)
+                             dynamic_ncols=True, disable=not self.is_main)
 
     def after_step(self) -> None:
         trainer = self.trainer
         self.progress.update(1)
-        if not trainer.logs_after(trainer.iteration - 1):
+        if trainer.iteration % self.period != 0 and trainer.iteration != trainer.max_iters:
             return
         parts = self._global(trainer.step_outputs) if trainer.world_size > 1 else trainer.step_outputs
-        if not trainer.is_main:
+        if not self.is_main:
             return
         values = {name: float(value) for name, value in parts.items()}
         values["lr"] = trainer.optimizer.param_groups[0]["lr"]
@@ -169,11 +170,11 @@ class MetricWriter(HookBase):
         if trainer.objective.adapter is not None:
             values.update({f"memory/{k}": v for k, v in trainer.objective.adapter.log_values().items()})
         for name, value in values.items():
-            trainer.writer.add_scalar(name, value, trainer.iteration)
+            self.writer.add_scalar(name, value, trainer.iteration)
         if "loss/total" in values:
             self.progress.set_postfix(loss=f"{values['loss/total']:.4f}")
         text = " ".join(f"{k}={v:.4g}" for k, v in values.items())
-        trainer.logger.debug(f"iter {trainer.iteration}: {text}")
+        self.logger.debug(f"iter {trainer.iteration}: {text}")
 
     def _global(self, parts: dict) -> dict:
         """Losses averaged over ranks (the global batch's loss), pair counts summed."""
@@ -192,131 +193,141 @@ class MetricWriter(HookBase):
 
 
 class PeriodicCheckpointer(HookBase):
-    """checkpoints/last.pth every SOLVER.CHECKPOINT_PERIOD iterations and at the end."""
+    """`save()` every `period` iterations (0: never) and at the end."""
+
+    def __init__(self, save: Callable[[], None], period: int):
+        self.save, self.period = save, period
 
     def after_step(self) -> None:
-        period = self.trainer.cfg.SOLVER.CHECKPOINT_PERIOD
-        if period and self.trainer.iteration % period == 0:
-            self.trainer.save()
+        if self.period and self.trainer.iteration % self.period == 0:
+            self.save()
 
     def after_train(self) -> None:
-        self.trainer.save()
+        self.save()
 
 
 class EvalHook(HookBase):
-    """Evaluation every TEST.EVAL_PERIOD iterations and at the end (rank 0 evaluates the bare model;
-    the others wait for its numbers). Each evaluation goes to metrics.jsonl, tensorboard and the log,
-    and then: best.pth on the best validation TEST.SELECT_METRIC (never chosen on the test set), the
-    plateau scheduler's step (SOLVER.SCHEDULER plateau) and TEST.REPORT_BEST_ON_TEST's report."""
+    """`evaluate_fn()` every `period` iterations (0: only at the end) and at the end: {task: metrics}, the
+    same on every rank. Each evaluation is handed to `listeners` (their `after_evaluation(results,
+    seconds)`), in order; `results` holds the last one."""
 
-    def __init__(self):
-        self.best_metric = None  # best validation TEST.SELECT_METRIC so far
-        self.best_on_test = None  # TEST.REPORT_BEST_ON_TEST: the best test score (optimistic)
+    def __init__(self, period: int, evaluate_fn: Callable[[], dict], listeners: Sequence = ()):
+        self.period, self.evaluate_fn, self.listeners = period, evaluate_fn, list(listeners)
         self.results: dict[str, dict] = {}
-        self._tasks_without_positives_reported: set[str] = set()
 
     def after_step(self) -> None:
         trainer = self.trainer
-        period = trainer.cfg.TEST.EVAL_PERIOD
-        if period and trainer.iteration % period == 0 and trainer.iteration < trainer.max_iters:
+        if self.period and trainer.iteration % self.period == 0 and trainer.iteration < trainer.max_iters:
             self.evaluate()
 
     def after_train(self) -> None:
         self.evaluate()
 
     def evaluate(self) -> dict[str, dict]:
-        trainer = self.trainer
-        results = None
-        if trainer.is_main:
-            start = time.time()
-            results = trainer.evaluator(trainer.model)
-            self._write(results)
-            trainer.logger.info(f"evaluation at iteration {trainer.iteration} ({time.time() - start:.1f} s):\n"
-                                + format_results(results))
-            self._report_queries_without_positives(results)
-        results = broadcast_object(results)  # the other ranks' barrier
-        self._keep_best(results)
-        self._step_plateau(results)
-        self._report_best_on_test(results)
+        start = time.time()
+        results = self.evaluate_fn()
+        seconds = time.time() - start
+        for listener in self.listeners:
+            listener.after_evaluation(results, seconds)
         self.results = results
         return results
 
-    def _write(self, results: dict) -> None:
-        trainer = self.trainer
-        with open(os.path.join(trainer.output_dir, "metrics.jsonl"), "a") as f:
-            for task, metrics in results.items():
-                f.write(json.dumps({"iteration": trainer.iteration, "split": task, **metrics}) + "\n")
-                if trainer.writer is not None:
-                    for name, value in metrics.items():
-                        trainer.writer.add_scalar(f"{task}/{name}", value, trainer.iteration)
 
-    def _report_queries_without_positives(self, results: dict) -> None:
-        """Once per task and run (the count depends on the data, not on the model)."""
+class EvaluationWriter(HookBase):
+    """Each evaluation to `metrics_path` (one JSON line per task), tensorboard and the log, and once per
+    task the number of queries without a positive (it depends on the data, not on the model). Rank 0."""
+
+    def __init__(self, metrics_path: str, writer, logger: logging.Logger, format_results: Callable[[dict], str]):
+        self.metrics_path, self.writer, self.logger, self.format_results = metrics_path, writer, logger, format_results
+        self._tasks_without_positives_reported: set[str] = set()
+
+    def after_evaluation(self, results: dict, seconds: float) -> None:
+        iteration = self.trainer.iteration
+        with open(self.metrics_path, "a") as f:
+            for task, metrics in results.items():
+                f.write(json.dumps({"iteration": iteration, "split": task, **metrics}) + "\n")
+                for name, value in metrics.items():
+                    self.writer.add_scalar(f"{task}/{name}", value, iteration)
+        self.logger.info(f"evaluation at iteration {iteration} ({seconds:.1f} s):\n" + self.format_results(results))
         for task, metrics in results.items():
             count = metrics.get("num_queries_without_positive", 0)
             if count and task not in self._tasks_without_positives_reported:
                 self._tasks_without_positives_reported.add(task)
-                self.trainer.logger.warning(
+                self.logger.warning(
                     f"evaluation task {task!r}: {count} of {metrics.get('num_queries')} queries have no image of "
                     "their class in the gallery; they count as misses in R@K and are left out of MAP@R and RP")
 
-    def _keep_best(self, results: dict) -> None:
-        """checkpoints/best.pth: the best validation score so far."""
+
+class BestCheckpointer(HookBase):
+    """best.pth (`save_best()`, a collective) whenever the validation task's `metric` is the best so far;
+    never chosen on the test set (no validation task: nothing)."""
+
+    def __init__(self, metric: str, save_best: Callable[[], None], logger: logging.Logger):
+        self.metric, self.save_best, self.logger = metric, save_best, logger
+        self.best_metric = None  # best validation score so far
+
+    def after_evaluation(self, results: dict, seconds: float) -> None:
         if "val" not in results:
             return
-        trainer = self.trainer
-        metric = trainer.cfg.TEST.SELECT_METRIC
-        if metric not in results["val"]:
-            raise ValueError(f"TEST.SELECT_METRIC {metric!r} is not one of {sorted(results['val'])}")
-        score = results["val"][metric]
+        if self.metric not in results["val"]:
+            raise ValueError(f"TEST.SELECT_METRIC {self.metric!r} is not one of {sorted(results['val'])}")
+        score = results["val"][self.metric]
         if self.best_metric is None or score > self.best_metric:
             self.best_metric = score
-            state = trainer.checkpoint_state()
-            if trainer.is_main:
-                save_checkpoint(state, os.path.join(os.path.dirname(trainer.checkpoint_path), "best.pth"))
-                trainer.logger.info(f"new best validation {metric} {score:.4f} at iteration {trainer.iteration}: "
-                                    "best.pth")
-
-    def _step_plateau(self, results: dict) -> None:
-        """SOLVER.SCHEDULER plateau: one step with this evaluation's score (every rank, same numbers)."""
-        trainer = self.trainer
-        if trainer.plateau is None:
-            return
-        split, metric = trainer.cfg.SOLVER.PLATEAU.SPLIT, trainer.cfg.SOLVER.PLATEAU.METRIC
-        if metric not in results.get(split, {}):
-            raise ValueError(f"SOLVER.PLATEAU.METRIC {metric!r} of task {split!r} is not among this "
-                             f"evaluation's results {sorted(results.get(split, {}))}")
-        if trainer.plateau.step(results[split][metric]):
-            # Apply now, not from the next scheduler step: the next iteration runs at the new rate.
-            factor = trainer.scheduler.lr_lambdas[0](trainer.scheduler.last_epoch)
-            for group, base_lr in zip(trainer.optimizer.param_groups, trainer.scheduler.base_lrs):
-                group["lr"] = base_lr * factor
-            trainer.logger.info(f"{split} {metric} has not improved for {trainer.cfg.SOLVER.PLATEAU.PATIENCE + 1} "
-                                f"evaluations: learning rate x {trainer.cfg.SOLVER.PLATEAU.FACTOR} "
-                                f"-> {trainer.optimizer.param_groups[0]['lr']:.3g}")
-
-    def _report_best_on_test(self, results: dict) -> None:
-        """TEST.REPORT_BEST_ON_TEST: the official code's best-on-test report, labelled optimistic."""
-        trainer = self.trainer
-        if not trainer.cfg.TEST.REPORT_BEST_ON_TEST:
-            return
-        task = next(t for t in results if t != "val")  # the dataset's first evaluation task
-        metric = trainer.cfg.TEST.SELECT_METRIC
-        score = results[task][metric]
-        if self.best_on_test is not None and score <= self.best_on_test["score"]:
-            return
-        self.best_on_test = {"optimistic": True, "chosen_on": f"{task} {metric}", "score": score,
-                             "iteration": trainer.iteration, "results": results}
-        if trainer.is_main:
-            path = os.path.join(trainer.output_dir, "best_on_test_OPTIMISTIC.json")
-            write_atomically(path, json.dumps(self.best_on_test, indent=1).encode())
-            trainer.logger.info(f"OPTIMISTIC (chosen on the test set, as the official code reports): best {task} "
-                                f"{metric} so far {100 * score:.2f} at iteration {trainer.iteration}; not a result "
-                                "to report as such (the last iteration and best.pth are)")
+            self.save_best()
+            self.logger.info(f"new best validation {self.metric} {score:.4f} at iteration {self.trainer.iteration}: "
+                             "best.pth")
 
     def state_dict(self) -> dict:
-        return {"best_metric": self.best_metric, "best_on_test": self.best_on_test}
+        return {"best_metric": self.best_metric}
 
     def load_state_dict(self, checkpoint: dict) -> None:
-        self.best_metric = checkpoint["best_metric"]
+        self.best_metric = checkpoint.get("best_metric")
+
+
+class PlateauLR(HookBase):
+    """SOLVER.SCHEDULER plateau: `plateau` stepped with each evaluation's `split` `metric` (every rank, same
+    numbers); when it lowers its factor, the new rate applies from the next iteration on."""
+
+    def __init__(self, plateau: PlateauFactor, split: str, metric: str, logger: logging.Logger):
+        self.plateau, self.split, self.metric, self.logger = plateau, split, metric, logger
+
+    def after_evaluation(self, results: dict, seconds: float) -> None:
+        if self.metric not in results.get(self.split, {}):
+            raise ValueError(f"SOLVER.PLATEAU.METRIC {self.metric!r} of task {self.split!r} is not among this "
+                             f"evaluation's results {sorted(results.get(self.split, {}))}")
+        if self.plateau.step(results[self.split][self.metric]):
+            optimizer = self.trainer.optimizer
+            apply_scheduled_lr(optimizer, self.trainer.scheduler)
+            self.logger.info(f"{self.split} {self.metric} has not improved for {self.plateau.patience + 1} "
+                             f"evaluations: learning rate x {self.plateau.factor} "
+                             f"-> {optimizer.param_groups[0]['lr']:.3g}")
+
+
+class BestOnTestReport(HookBase):
+    """TEST.REPORT_BEST_ON_TEST: the official code's best-on-test report in `path` (rank 0 writes),
+    labelled optimistic."""
+
+    def __init__(self, metric: str, path: str, logger: logging.Logger, is_main: bool = True):
+        self.metric, self.path, self.logger, self.is_main = metric, path, logger, is_main
+        self.best_on_test = None
+
+    def after_evaluation(self, results: dict, seconds: float) -> None:
+        task = next(t for t in results if t != "val")  # the dataset's first evaluation task
+        score = results[task][self.metric]
+        if self.best_on_test is not None and score <= self.best_on_test["score"]:
+            return
+        iteration = self.trainer.iteration
+        self.best_on_test = {"optimistic": True, "chosen_on": f"{task} {self.metric}", "score": score,
+                             "iteration": iteration, "results": results}
+        if self.is_main:
+            write_atomically(self.path, json.dumps(self.best_on_test, indent=1).encode())
+            self.logger.info(f"OPTIMISTIC (chosen on the test set, as the official code reports): best {task} "
+                             f"{self.metric} so far {100 * score:.2f} at iteration {iteration}; not a result "
+                             "to report as such (the last iteration and best.pth are)")
+
+    def state_dict(self) -> dict:
+        return {"best_on_test": self.best_on_test}
+
+    def load_state_dict(self, checkpoint: dict) -> None:
         self.best_on_test = checkpoint.get("best_on_test")

@@ -32,7 +32,7 @@ class NonFiniteGuard:
     back when the loss is not, so that a skipped step leaves no trace but the counters."""
 
     def __init__(self, model: torch.nn.Module, objective: CrossBatchObjective, max_in_a_row: int,
-                 logger: logging.Logger, world_size: int, checkpoint_path: str):
+                 logger: logging.Logger, world_size: int, checkpoint_path: str | None):
         self.model, self.objective = model, objective
         self.max_in_a_row = max_in_a_row
         self.logger, self.world_size, self.checkpoint_path = logger, world_size, checkpoint_path
@@ -63,8 +63,9 @@ class NonFiniteGuard:
                             f"{self.max_in_a_row} in a row)")
         if self.streak >= self.max_in_a_row:
             first = iteration - self.streak + 1
+            last_good = (f"The last good checkpoint is {self.checkpoint_path} (if one was saved)"
+                         if self.checkpoint_path else "A checkpoint saved before them holds the last good state")
             raise NonFiniteLossError(
                 f"the loss was non-finite for {self.streak} steps in a row (iterations {first} to "
-                f"{iteration}); training stopped, and none of those steps changed any weight. The last good "
-                f"checkpoint is {self.checkpoint_path} (if one was saved); lower SOLVER.BASE_LR, set SOLVER.GRAD_CLIP "
-                "or SOLVER.AMP bf16/none, and resume from it.")
+                f"{iteration}); training stopped, and none of those steps changed any weight. {last_good}; "
+                "lower SOLVER.BASE_LR, set SOLVER.GRAD_CLIP or SOLVER.AMP bf16/none, and resume from it.")

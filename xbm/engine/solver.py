@@ -139,6 +139,14 @@ class PlateauFactor:
         self.num_bad, self.cooldown_left = int(state["num_bad"]), int(state["cooldown_left"])
 
 
+def apply_scheduled_lr(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Every group's rate set to what `scheduler` gives at its current step: a plateau factor lowered by an
+    evaluation applies from the next iteration on, not from the scheduler's next step."""
+    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+    for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base_lr * factor
+
+
 def build_plateau(cfg) -> PlateauFactor | None:
     """The reduce-on-plateau factor of SOLVER.SCHEDULER plateau; None for the other schedules."""
     if cfg.SOLVER.SCHEDULER.lower() != "plateau":

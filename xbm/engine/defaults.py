@@ -1,0 +1,196 @@
+"""DefaultTrainer: the one place that turns a config into a training run (detectron2's DefaultTrainer).
+
+It builds the parts the loop (xbm/engine/trainer.py) is given, in a fixed order (the random draws of a
+run depend on it): the process group, seeds, runtime checks, data, evaluator, model, DDP / compile
+wrapper, objective, optimizer, schedule, scaler, the non-finite guard; then the hooks, each with explicit
+arguments; then it resumes. It also saves and resumes the run (xbm/engine/checkpoint.py).
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from ..config import check_cfg
+from ..config.rules import check_global_batch, resolve_memory_size
+from ..modeling import build_model
+from ..objective import build_objective
+from ..utils.distributed import broadcast_object, get_rank, get_world_size, init_distributed
+from ..utils.env import seed_everything
+from ..utils.logger import setup_logger
+from . import hooks as default_hooks
+from .checkpoint import checkpoint_state, resume_training, rng_states, save_checkpoint, save_training
+from .events import TensorboardWriter
+from .nonfinite import NonFiniteGuard
+from .performance import check_runtime, compiled, configure_backends, memory_format
+from .setup import (build_drift_monitor, build_evaluator, build_memory_probe, build_training_data,
+                    build_training_loader, distributed, format_results, log_setup)
+from .solver import build_optimizer, build_plateau, build_scheduler, parameter_groups
+from .trainer import Trainer
+
+
+class DefaultTrainer(Trainer):
+    """Builds a run from its config, trains it with `train()`, and saves and resumes it exactly."""
+
+    def __init__(self, cfg, resume: str | None = None, extra_hooks: list | None = None):
+        """`extra_hooks` run after the default ones and, registered before the resume, get their
+        state back from the checkpoint."""
+        check_cfg(cfg)
+        device = init_distributed(cfg.MODEL.DEVICE)  # joins torchrun's process group, if any
+        self.rank, world_size = get_rank(), get_world_size()
+        self.is_main = self.rank == 0  # the one process that writes files and evaluates
+        check_global_batch(cfg, world_size)
+        self.output_dir = cfg.OUTPUT_DIR
+        self.checkpoint_path = os.path.join(self.output_dir, "checkpoints", "last.pth")
+        self.logger = setup_logger(self.output_dir if self.is_main else None)
+        if not self.is_main:
+            self.logger.setLevel(logging.WARNING)  # the other ranks report problems only
+        self.logger.debug(f"config (defaults <- config file <- command line):\n{cfg.dump()}")
+        seed_everything(cfg.SOLVER.SEED)
+        amp_dtype = check_runtime(cfg, device)  # before any data is read
+        configure_backends(cfg)
+        self.train_set, val_tasks = build_training_data(cfg)
+        self.cfg = cfg = resolve_memory_size(cfg, len(self.train_set), world_size)
+        self.evaluator = build_evaluator(cfg, device, val_tasks) if self.is_main else None
+        model = build_model(cfg).to(device, memory_format=memory_format(cfg))
+        # What training steps call (DDP, compiled); the model is what is saved and evaluated.
+        network = compiled(distributed(model, device, world_size), cfg)
+        objective = build_objective(cfg, device)
+        optimizer = build_optimizer(cfg, parameter_groups(cfg, model))
+        self.plateau = build_plateau(cfg)  # SOLVER.SCHEDULER plateau: a factor stepped by evaluations
+        scheduler = build_scheduler(cfg, optimizer, self.plateau)
+        scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+        guard = NonFiniteGuard(model, objective, cfg.SOLVER.MAX_NONFINITE_STEPS, self.logger, world_size,
+                               self.checkpoint_path)
+        super().__init__(model, objective, None, optimizer, scheduler, scaler, max_iters=cfg.SOLVER.MAX_ITERS,
+                         device=device, network=network, guard=guard, amp_dtype=amp_dtype,
+                         memory_format=memory_format(cfg), head_warmup_iters=cfg.SOLVER.HEAD_WARMUP_ITERS,
+                         grad_clip=cfg.SOLVER.GRAD_CLIP, log_period=cfg.SOLVER.LOG_PERIOD,
+                         log_grad_norms=cfg.SOLVER.LOG_GRAD_NORMS, world_size=world_size)
+        self.writer = TensorboardWriter(self.output_dir if self.is_main else None)
+        self.register_hooks(self.build_hooks() + list(extra_hooks or []))
+        if self.rank > 0:
+            # Same weights everywhere (DDP copies rank 0's), but each rank its own augmentations.
+            seed_everything(cfg.SOLVER.SEED + self.rank)
+        resume = resume or cfg.SOLVER.RESUME
+        if resume:
+            self.resume(resume)
+        if self.is_main:
+            with open(os.path.join(self.output_dir, "config.yaml"), "w") as f:
+                f.write(cfg.dump())
+        log_setup(self)
+
+    # ------------------------------------------------------------------ hooks
+    def build_hooks(self) -> list[default_hooks.HookBase]:
+        """The default hooks, in the order they run (see xbm/engine/hooks.py), each given what it needs."""
+        cfg = self.cfg
+        hooks: list[default_hooks.HookBase] = [default_hooks.StopOnSignal(self.save, self.checkpoint_path)]
+        hooks += self._probe_hooks()
+        hooks += [default_hooks.MetricWriter(cfg.SOLVER.LOG_PERIOD, self.writer, self.logger, self.is_main),
+                  default_hooks.PeriodicCheckpointer(self.save, cfg.SOLVER.CHECKPOINT_PERIOD)]
+        listeners = []
+        if self.is_main:
+            listeners.append(default_hooks.EvaluationWriter(os.path.join(self.output_dir, "metrics.jsonl"),
+                                                            self.writer, self.logger, format_results))
+        listeners.append(default_hooks.BestCheckpointer(cfg.TEST.SELECT_METRIC, self.save_best, self.logger))
+        if self.plateau is not None:
+            listeners.append(default_hooks.PlateauLR(self.plateau, cfg.SOLVER.PLATEAU.SPLIT, cfg.SOLVER.PLATEAU.METRIC,
+                                                     self.logger))
+        if cfg.TEST.REPORT_BEST_ON_TEST:
+            listeners.append(default_hooks.BestOnTestReport(
+                cfg.TEST.SELECT_METRIC, os.path.join(self.output_dir, "best_on_test_OPTIMISTIC.json"), self.logger,
+                self.is_main))
+        self.eval_hook = default_hooks.EvalHook(cfg.TEST.EVAL_PERIOD, self._evaluate_everywhere, listeners)
+        return hooks + [self.eval_hook] + listeners
+
+    def _probe_hooks(self) -> list[default_hooks.HookBase]:
+        """The measuring hooks the config asks for, on rank 0 (DRIFT.ENABLE, and DRIFT.MEMORY_PROBE when
+        there is a memory)."""
+        cfg, hooks = self.cfg, []
+        if not self.is_main:
+            return hooks
+        record = default_hooks.ScalarRecord(os.path.join(self.output_dir, "drift.jsonl"), self.writer)
+        if cfg.DRIFT.ENABLE:
+            hooks.append(default_hooks.DriftProbe(build_drift_monitor(cfg, self.device), record))
+        if cfg.DRIFT.MEMORY_PROBE and self.objective.memory is not None:
+            probe = build_memory_probe(cfg, self.train_set, self.device, self.world_size)
+            hooks.append(default_hooks.MemoryDriftProbe(probe, record))
+        return hooks
+
+    # ------------------------------------------------------------------ the loop, evaluation
+    def train(self) -> dict[str, dict]:
+        """Train to SOLVER.MAX_ITERS; the final evaluation's results."""
+        self.data_loader = self.train_loader()
+        try:
+            super().train()
+        finally:
+            self.writer.close()
+        return self.eval_hook.results
+
+    def train_loader(self):
+        """The training batches from the current iteration on (a resumed run continues the stream)."""
+        return build_training_loader(self.cfg, self.train_set, self.iteration, self.rank, self.world_size,
+                                     self.device)
+
+    def _evaluate_everywhere(self) -> dict[str, dict]:
+        """Rank 0 evaluates the bare model; the other ranks wait for its numbers (a broadcast)."""
+        results = self.evaluator(self.model) if self.is_main else None
+        return broadcast_object(results)
+
+    def evaluate(self) -> dict[str, dict]:
+        """An evaluation now, with everything that follows one (the EvalHook's listeners)."""
+        return self.eval_hook.evaluate()
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """Everything an exact resume needs (docs/ARCHITECTURE.md: the checkpoint invariants)."""
+        memory, adapter = self.objective.memory, self.objective.adapter
+        state = {
+            "iteration": self.iteration, "config": self.cfg.dump(), "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(), "skipped_steps": self.guard.skipped_steps,
+            "plateau": self.plateau.state_dict() if self.plateau is not None else None,
+            # The layout of xbm 0.1's checkpoints: the objective's memory and adapter state apart.
+            "memory": memory.state_dict() if memory is not None else None,
+            "adapter": adapter.state_dict() if adapter is not None else None,
+            "drift": None, "rng": rng_states(), "world_size": self.world_size,
+            "best_on_test": None,  # BestOnTestReport's, when TEST.REPORT_BEST_ON_TEST is on
+        }
+        for hook in self.hooks:
+            state.update(hook.state_dict())
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.guard.skipped_steps = state.get("skipped_steps", 0)  # absent from checkpoints of xbm 0.1
+        if self.plateau is not None and state.get("plateau") is not None:
+            self.plateau.load_state_dict(state["plateau"])
+        if self.objective.memory is not None:
+            self.objective.memory.load_state_dict(state["memory"])
+        if self.objective.adapter is not None:
+            self.objective.adapter.load_state_dict(state["adapter"])
+        for hook in self.hooks:
+            hook.load_state_dict(state)
+        self.iteration = state["iteration"]
+
+    def checkpoint_state(self) -> dict | None:
+        """state_dict() plus every rank's random state; a collective: all ranks call it, rank 0 gets it."""
+        return checkpoint_state(self)
+
+    def save(self) -> None:
+        """checkpoints/last.pth, and iter_<N>.pth with SOLVER.KEEP_CHECKPOINTS (the newest N kept)."""
+        save_training(self)
+
+    def resume(self, path: str) -> None:
+        """Load `path` ("auto": last.pth if there is one); every rank must agree."""
+        resume_training(self, path)
+
+    def save_best(self) -> None:
+        """checkpoints/best.pth (a collective, like `save`)."""
+        state = self.checkpoint_state()
+        if self.is_main:
+            save_checkpoint(state, os.path.join(os.path.dirname(self.checkpoint_path), "best.pth"))
