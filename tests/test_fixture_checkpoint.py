@@ -125,3 +125,45 @@ def test_the_old_checkpoint_evaluates_to_the_old_numbers(run_folder):
     rows = json.loads((run_folder / "evaluation" / "eval_metrics.json").read_text())
     assert [(row["iteration"], row["task"]) for row in rows] == [(10, "test")]
     _assert_metrics_match_the_old_run(rows[0])
+
+
+# ------------------------------------------------------------------ the flat layout of before the Checkpointer
+MAIN = Path(__file__).parent / "fixtures" / "main_checkpoint"
+MAIN_6, MAIN_10 = MAIN / "iter_0000006.pth", MAIN / "iter_0000010.pth"
+
+
+def test_the_flat_layout_checkpoint_holds_what_the_fixture_says():
+    """tests/fixtures/main_checkpoint (commit 3bcfe6f): hook state at the top level, the memory's item
+    buffers beside its features."""
+    state = torch.load(MAIN_6, map_location="cpu", weights_only=True)
+    assert {"memory", "adapter", "drift", "plateau", "best_metric", "best_on_test", "skipped_steps"} <= set(state)
+    assert "layout" not in state and {"item_ids", "enqueued_feats"} <= set(state["memory"])
+    assert state["best_metric"] == pytest.approx(0.8889, abs=1e-4) and state["best_on_test"]["iteration"] == 5
+
+
+@pytest.mark.slow
+def test_the_flat_layout_checkpoint_resumes_to_where_its_code_went(run_folder):
+    cfg = load_cfg(str(MAIN / "config.yaml"), ["OUTPUT_DIR", "resumed"])
+    trainer = DefaultTrainer(cfg, resume=str(MAIN_6))
+    # every piece of state is back before the first step
+    assert trainer.iteration == 6 and trainer.objective.memory.pointer == 12
+    assert int((trainer.objective.memory.items.item_ids >= 0).sum()) == 36  # the probe's items, from "item_ids"
+    listeners = {type(h).__name__: h for h in trainer.eval_hook.listeners}
+    assert listeners["BestCheckpointer"].best_metric == pytest.approx(0.8889, abs=1e-4)
+    assert listeners["BestOnTestReport"].best_on_test["iteration"] == 5 and trainer.plateau.best > 0.88
+    trainer.train()
+    old = load_checkpoint(str(MAIN_10))
+    for name, tensor in old["model"].items():
+        torch.testing.assert_close(trainer.model.state_dict()[name], tensor, rtol=0, atol=ATOL, msg=name)
+    memory = trainer.objective.memory
+    assert memory.pointer == 8 and torch.equal(memory.labels, old["memory"]["labels"])
+    torch.testing.assert_close(memory.feats, old["memory"]["feats"], rtol=0, atol=ATOL)
+    assert torch.equal(memory.items.item_ids, old["memory"]["item_ids"])
+    assert trainer.objective.adapter.calls == old["adapter"]["calls"] == 9
+    # the evaluations at 10 are the old code's, up to one query of rounding
+    lines = [json.loads(line) for line in Path("resumed/metrics.jsonl").read_text().splitlines()]
+    old_lines = [json.loads(line) for line in (MAIN / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["iteration"], r["split"]) for r in lines] == [(10, "val"), (10, "test")]
+    for new, reference in zip(lines, old_lines[2:]):
+        for key in ("R@1", "MAP@R"):
+            assert new[key] == pytest.approx(reference[key], abs=1.0 / reference["num_queries"]), (new["split"], key)
