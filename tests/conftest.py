@@ -41,3 +41,13 @@ def xbm_log(caplog):
     yield caplog
     logger.removeHandler(caplog.handler)
     logger.propagate = propagate
+
+
+def checkpoint_memory(state: dict) -> dict:
+    """The memory's entries of a layout-2 checkpoint (xbm/engine/checkpointer.py): its objective's memory.* keys."""
+    return {key[len("memory."):]: value for key, value in state["objective"].items() if key.startswith("memory.")}
+
+
+def checkpoint_adapter(state: dict) -> dict | None:
+    """The adapter's filter state of a layout-2 checkpoint (the objective's extra state)."""
+    return state["objective"]["_extra_state"]["adapter"]

@@ -95,7 +95,7 @@ def test_skipped_steps_are_counted_in_the_log_and_the_checkpoint(glyph_root, tmp
     events = EventAccumulator(str(out))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("amp/skipped_steps")] == [(2, 1.0), (4, 2.0), (6, 2.0)]
-    assert torch.load(out / "checkpoints" / "last.pth", weights_only=True)["skipped_steps"] == 2
+    assert torch.load(out / "checkpoints" / "last.pth", weights_only=True)["guard"]["skipped_steps"] == 2
 
 
 def test_bf16_autocast_trains_on_the_cpu(glyph_root, tmp_path):

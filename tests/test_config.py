@@ -101,7 +101,8 @@ def test_every_default_key_is_read_by_code():
     import pathlib
     import re
 
-    sources = "\n".join(p.read_text() for p in pathlib.Path("xbm").rglob("*.py") if p.name != "defaults.py")
+    defined = pathlib.Path("xbm/config/defaults.py")  # (xbm/engine/defaults.py, the DefaultTrainer, does read keys)
+    sources = "\n".join(p.read_text() for p in pathlib.Path("xbm").rglob("*.py") if p != defined)
 
     def leaves(node, prefix=""):
         for key, value in node.items():

@@ -20,12 +20,14 @@ from xbm.config import load_cfg
 from xbm.config.rules import check_global_batch
 from xbm.data.sampler import MPerClassBatchSampler
 from xbm.engine.checkpoint import load_checkpoint
+from xbm.engine.defaults import DefaultTrainer
 from xbm.engine.hooks import HookBase
 from xbm.engine.run_guard import StopSignals, TrainingStopped
-from xbm.engine.defaults import DefaultTrainer
 from xbm.utils.distributed import (agree_on_step, all_gather_batch, all_gather_object, all_gather_with_grad,
                                    broadcast_object, get_rank, get_world_size, init_distributed,
                                    shutdown_distributed, sum_over_ranks)
+
+from conftest import checkpoint_memory
 
 WORLD = 2
 BATCH = 8  # per rank; the global batch is 16
@@ -269,8 +271,8 @@ def test_torchrun_writes_one_set_of_outputs_and_a_stopped_run_resumes_exactly(gl
     assert (stopped / "log.txt").read_text().count("resumed from") == 1
     for name, tensor in state["model"].items():
         torch.testing.assert_close(resumed["model"][name], tensor, rtol=0, atol=1e-6, msg=name)
-    for name, tensor in state["memory"].items():
-        torch.testing.assert_close(resumed["memory"][name], tensor, rtol=0, atol=1e-6, msg=name)
+    for name, tensor in checkpoint_memory(state).items():
+        torch.testing.assert_close(checkpoint_memory(resumed)[name], tensor, rtol=0, atol=1e-6, msg=name)
     resumed_records = [json.loads(line) for line in (stopped / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in resumed_records] == [10, 20]
     for key in ("R@1", "R@10", "MAP@R"):
@@ -291,7 +293,7 @@ def test_torchrun_trains_with_bf16_autocast(glyph_root, tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     state = load_checkpoint(str(out / "checkpoints" / "last.pth"))
-    assert state["iteration"] == 6 and state["skipped_steps"] == 0
+    assert state["iteration"] == 6 and state["guard"]["skipped_steps"] == 0
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     (record,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert 0 < record["R@1"] <= 1

@@ -16,6 +16,8 @@ from xbm.config import load_cfg
 from xbm.engine.checkpoint import CHECKPOINT_KEYS, load_checkpoint
 from xbm.engine.defaults import DefaultTrainer
 
+from conftest import checkpoint_adapter, checkpoint_memory
+
 FIXTURE = Path(__file__).parent / "fixtures" / "old_checkpoint"
 AT_6, AT_10 = FIXTURE / "iter_0000006.pth", FIXTURE / "iter_0000010.pth"
 # The continuation is compared across code versions, thread counts and CPUs, so not bit for bit:
@@ -81,12 +83,16 @@ def test_the_old_checkpoint_resumes_to_where_the_old_code_went(run_folder, xbm_l
         torch.testing.assert_close(new["model"][name], tensor, rtol=0, atol=ATOL, msg=name)
     # 4 more steps x 8 images: the write position moved from 12 to 12 + 32 - 36 = 8
     assert trainer.objective.memory.pointer == int(old["memory"]["pointer"]) == 8  # today's layout: _extra_state
-    assert torch.equal(new["memory"]["labels"], old["memory"]["labels"])  # the same batches were drawn
-    torch.testing.assert_close(new["memory"]["feats"], old["memory"]["feats"], rtol=0, atol=ATOL)
-    assert new["adapter"]["calls"] == old["adapter"]["calls"] == 9
+    # the resumed run writes layout 2: the memory inside the objective, hook state under the hook's name
+    assert new["layout"] == 2 and "memory" not in new
+    new_memory, new_adapter = checkpoint_memory(new), checkpoint_adapter(new)
+    assert torch.equal(new_memory["labels"], old["memory"]["labels"])  # the same batches were drawn
+    torch.testing.assert_close(new_memory["feats"], old["memory"]["feats"], rtol=0, atol=ATOL)
+    assert new_adapter["calls"] == old["adapter"]["calls"] == 9
     for key in ("mu", "sigma"):
-        torch.testing.assert_close(new["adapter"][key], old["adapter"][key], rtol=0, atol=ATOL)
-    assert new["drift"]["iteration"] == 9 and torch.equal(new["drift"]["indices"], old["drift"]["indices"])
+        torch.testing.assert_close(new_adapter[key], old["adapter"][key], rtol=0, atol=ATOL)
+    drift = new["hooks"]["DriftProbe"]
+    assert drift["iteration"] == 9 and torch.equal(drift["indices"], old["drift"]["indices"])
     assert new["scheduler"]["last_epoch"] == old["scheduler"]["last_epoch"] == 10
     # the run records the config under today's names
     saved = yaml.safe_load(Path("resumed/config.yaml").read_text())

@@ -56,7 +56,7 @@ def test_a_hook_from_outside_sees_every_step_and_its_state_is_resumed(glyph_root
     assert hook.losses == 3 and hook.closed
     # the default hooks ran too: last.pth at the end (with this hook's state) and the final evaluation
     saved = load_checkpoint(str(tmp_path / "run" / "checkpoints" / "last.pth"))
-    assert saved["iteration"] == 3 and int(saved["counting"]) == 3
+    assert saved["iteration"] == 3 and int(saved["hooks"]["CountingHook"]["counting"]) == 3  # under its name
     again = CountingHook()
     DefaultTrainer(_cfg(glyph_root, tmp_path / "run", 5), resume="auto", extra_hooks=[again]).train()
     assert again.losses == 5 and again.calls[0] == ("before_train", 3)

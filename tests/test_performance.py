@@ -173,7 +173,7 @@ def test_resume_reads_random_states_on_the_cpu_whatever_the_device(glyph_root, t
             state["rng"]["torch"] = state["rng"]["torch"].to("meta")
         return state
 
-    monkeypatch.setattr("xbm.engine.checkpoint.load_checkpoint", load_like_torch)
+    monkeypatch.setattr("xbm.engine.checkpointer.load_checkpoint", load_like_torch)
     trainer = DefaultTrainer(load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, out, "SOLVER.MAX_ITERS", "4")))
     trainer.device = torch.device("meta")  # as if the run were on a GPU
     trainer.resume("auto")

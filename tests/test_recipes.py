@@ -238,7 +238,7 @@ def test_plateau_schedule_is_driven_by_the_validation_split(glyph_root, tmp_path
         trainer.evaluate()
         lrs.append(trainer.optimizer.param_groups[0]["lr"])
     assert lrs == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4, 5e-5])
-    assert trainer.state_dict()["plateau"]["scale"] == pytest.approx(0.05)
+    assert trainer.checkpoint_state()["plateau"]["scale"] == pytest.approx(0.05)
 
 
 def test_plateau_on_validation_needs_a_validation_split():
@@ -263,7 +263,7 @@ def test_report_best_on_test_is_labelled_optimistic_and_leaves_best_pth_to_valid
     report = json.loads((tmp_path / "run" / "best_on_test_OPTIMISTIC.json").read_text())
     assert report["optimistic"] is True and report["iteration"] == 2 and report["score"] == pytest.approx(0.4)
     assert report["chosen_on"] == "test MAP@R"
-    assert trainer.state_dict()["best_metric"] == pytest.approx(0.45)  # best.pth: validation MAP@R of evaluation 1
+    assert trainer.checkpoint_state()["hooks"]["BestCheckpointer"]["best_metric"] == pytest.approx(0.45)  # best.pth: validation MAP@R of evaluation 1
     best = torch.load(tmp_path / "run" / "checkpoints" / "best.pth", weights_only=True)
     assert best["iteration"] == 1
     log = (tmp_path / "run" / "log.txt").read_text()

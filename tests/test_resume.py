@@ -12,6 +12,8 @@ import torch
 from xbm.config import load_cfg
 from xbm.engine.checkpoint import load_checkpoint
 from xbm.engine.defaults import DefaultTrainer
+
+from conftest import checkpoint_adapter, checkpoint_memory
 from xbm.engine.trainer import NonFiniteLossError
 
 
@@ -56,14 +58,14 @@ def test_killed_run_resumes_to_the_same_weights_memory_and_metrics(glyph_root, t
     assert b["iteration"] == 60
     for name, tensor in a["model"].items():
         torch.testing.assert_close(b["model"][name], tensor, rtol=0, atol=1e-6, msg=name)
-    for name, tensor in a["memory"].items():
+    for name, tensor in checkpoint_memory(a).items():
         if isinstance(tensor, torch.Tensor):
-            torch.testing.assert_close(b["memory"][name], tensor, rtol=0, atol=1e-6, msg=name)
+            torch.testing.assert_close(checkpoint_memory(b)[name], tensor, rtol=0, atol=1e-6, msg=name)
         else:
-            assert b["memory"][name] == tensor, name
-    for name, value in a["adapter"].items():
+            assert checkpoint_memory(b)[name] == tensor, name
+    for name, value in checkpoint_adapter(a).items():
         if isinstance(value, torch.Tensor):
-            torch.testing.assert_close(b["adapter"][name], value, rtol=0, atol=1e-6, msg=name)
+            torch.testing.assert_close(checkpoint_adapter(b)[name], value, rtol=0, atol=1e-6, msg=name)
     last = [json.loads((run / "metrics.jsonl").read_text().splitlines()[-1]) for run in (reference, killed)]
     assert last[0]["iteration"] == last[1]["iteration"] == 60
     for key in ("R@1", "R@10", "MAP@R"):
@@ -98,7 +100,7 @@ def test_a_non_finite_loss_that_persists_stops_and_keeps_the_last_good_checkpoin
         trainer.train()
     assert trainer.iteration == 6 and trainer.guard.skipped_steps == 3
     state = load_checkpoint(str(out / "checkpoints" / "last.pth"))
-    assert state["iteration"] == 6 and state["skipped_steps"] == 2  # saved after the second skipped step
+    assert state["iteration"] == 6 and state["guard"]["skipped_steps"] == 2  # saved after the second skipped step
     for name, param in trainer.model.named_parameters():
         # the skipped steps changed no weight: the checkpoint holds the weights of iteration 4
         assert torch.equal(state["model"][name], param.detach()), name
@@ -120,7 +122,7 @@ def test_validation_split_selects_best_checkpoint(glyph_root, tmp_path):
     assert [(r["iteration"], r["split"]) for r in records] == [(3, "val"), (3, "test"), (6, "val"), (6, "test")]
     best = max((r for r in records if r["split"] == "val"), key=lambda r: r["R@1"])
     state = load_checkpoint(str(out / "checkpoints" / "best.pth"))
-    assert state["best_metric"] == pytest.approx(best["R@1"])
+    assert state["hooks"]["BestCheckpointer"]["best_metric"] == pytest.approx(best["R@1"])
     assert state["iteration"] == best["iteration"]
 
 

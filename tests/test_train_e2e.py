@@ -52,7 +52,8 @@ def test_training_writes_every_output_and_the_loss_falls(glyph_root, tmp_path, c
 
     state = torch.load(out / "checkpoints" / "last.pth", weights_only=True)
     assert state["iteration"] == 40
-    assert state["memory"] is not None and state["adapter"] is not None
+    assert state["layout"] == 2 and "memory.feats" in state["objective"]
+    assert state["objective"]["_extra_state"]["adapter"] is not None
     assert "final retrieval metrics" in capsys.readouterr().out
 
 

@@ -1,4 +1,5 @@
-"""Checkpoints written atomically and read back with weights_only=True."""
+"""Checkpoint files written atomically and read back with weights_only=True, and the random states in them.
+What goes into a checkpoint, and how a run restores from one: xbm/engine/checkpointer.py."""
 from __future__ import annotations
 
 import os
@@ -8,10 +9,6 @@ import tempfile
 
 import numpy as np
 import torch
-import yaml  # yacs depends on PyYAML
-
-from ..config.rules import config_differences
-from ..utils.distributed import all_gather_object
 
 
 class CheckpointError(ValueError):
@@ -147,70 +144,3 @@ def _as_tuples(value):
     if isinstance(value, (list, tuple)):
         return tuple(_as_tuples(v) for v in value)
     return value
-
-
-# ---------------------------------------------------------------------- a Trainer's checkpoints
-def checkpoint_state(trainer) -> dict | None:
-    """state_dict() plus every rank's random state; a collective: all ranks call it, rank 0 gets it."""
-    state = trainer.state_dict()
-    if trainer.world_size > 1:
-        state["rng_per_rank"] = all_gather_object(state["rng"])
-    return state if trainer.is_main else None
-
-
-def save_training(trainer) -> None:
-    """checkpoints/last.pth, and iter_<N>.pth with SOLVER.KEEP_CHECKPOINTS (the newest N kept)."""
-    state = checkpoint_state(trainer)
-    if not trainer.is_main:
-        return
-    save_checkpoint(state, trainer.checkpoint_path)
-    keep = trainer.cfg.SOLVER.KEEP_CHECKPOINTS
-    if keep > 0:
-        folder = os.path.dirname(trainer.checkpoint_path)
-        save_checkpoint(state, os.path.join(folder, f"iter_{trainer.iteration:07d}.pth"))
-        numbered = sorted(f for f in os.listdir(folder) if f.startswith("iter_") and f.endswith(".pth"))
-        for old in numbered[:-keep]:
-            os.remove(os.path.join(folder, old))
-
-
-def resume_training(trainer, path: str) -> None:
-    """Load `path` ("auto": last.pth if there is one) into the trainer; every rank must agree."""
-    _load_training(trainer, path)
-    _check_ranks_agree(trainer)
-
-
-def _load_training(trainer, path: str) -> None:
-    if path == "auto":
-        path = trainer.checkpoint_path
-        if not os.path.isfile(path):
-            trainer.logger.info(f"no checkpoint at {path}: starting from scratch")
-            return
-    # Read on the CPU: load_state_dict moves weights, optimizer and memory state to their
-    # device, and the random states must stay CPU tensors (see restore_rng_states).
-    state = load_checkpoint(path, map_location="cpu", required=CHECKPOINT_KEYS)
-    diffs = config_differences(yaml.safe_load(state["config"]), yaml.safe_load(trainer.cfg.dump()))
-    if diffs:
-        raise ValueError(f"checkpoint {path} was trained with another config: " + "; ".join(diffs))
-    trainer.load_state_dict(state)
-    per_rank = state.get("rng_per_rank")
-    same_world = per_rank is not None and len(per_rank) == trainer.world_size
-    for note in restore_rng_states(per_rank[trainer.rank] if same_world else state["rng"]):
-        trainer.logger.warning(f"resuming from {path}: {note}")
-    trainer.logger.info(f"resumed from {path} at iteration {trainer.iteration}")
-    saved_world = state.get("world_size", 1)
-    if saved_world != trainer.world_size:
-        trainer.logger.warning(
-            f"{path} was written by a run of {saved_world} process(es) and this run has {trainer.world_size}: "
-            f"the global batch changes from {saved_world * trainer.cfg.DATA.BATCH_SIZE} to "
-            f"{trainer.world_size * trainer.cfg.DATA.BATCH_SIZE} images and the batch stream continues elsewhere")
-
-
-def _check_ranks_agree(trainer) -> None:
-    """Every rank must resume from the same checkpoint (OUTPUT_DIR on a file system all nodes read)."""
-    if trainer.world_size == 1:
-        return
-    iterations = all_gather_object(trainer.iteration)
-    if len(set(iterations)) > 1:
-        raise ValueError(
-            f"the ranks resumed at different iterations {iterations}: every node must read the same "
-            f"checkpoint {trainer.checkpoint_path} (put OUTPUT_DIR on a shared file system or copy it to every node)")

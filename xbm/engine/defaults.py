@@ -3,7 +3,7 @@
 It builds the parts the loop (xbm/engine/trainer.py) is given, in a fixed order (the random draws of a
 run depend on it): the process group, seeds, runtime checks, data, evaluator, model, DDP / compile
 wrapper, objective, optimizer, schedule, scaler, the non-finite guard; then the hooks, each with explicit
-arguments; then it resumes. It also saves and resumes the run (xbm/engine/checkpoint.py).
+arguments; then it resumes. It saves and resumes the run through one Checkpointer (xbm/engine/checkpointer.py).
 """
 from __future__ import annotations
 
@@ -11,16 +11,17 @@ import logging
 import os
 
 import torch
+import yaml  # yacs depends on PyYAML
 
 from ..config import check_cfg
-from ..config.rules import check_global_batch, resolve_memory_size
+from ..config.rules import check_global_batch, config_differences, resolve_memory_size
 from ..modeling import build_model
 from ..objective import build_objective
-from ..utils.distributed import broadcast_object, get_rank, get_world_size, init_distributed
+from ..utils.distributed import all_gather_object, broadcast_object, get_rank, get_world_size, init_distributed
 from ..utils.env import seed_everything
 from ..utils.logger import setup_logger
 from . import hooks as default_hooks
-from .checkpoint import checkpoint_state, resume_training, rng_states, save_checkpoint, save_training
+from .checkpointer import Checkpointer
 from .events import TensorboardWriter
 from .nonfinite import NonFiniteGuard
 from .performance import check_runtime, compiled, configure_backends, memory_format
@@ -70,6 +71,7 @@ class DefaultTrainer(Trainer):
                          log_grad_norms=cfg.SOLVER.LOG_GRAD_NORMS, world_size=world_size)
         self.writer = TensorboardWriter(self.output_dir if self.is_main else None)
         self.register_hooks(self.build_hooks() + list(extra_hooks or []))
+        self.checkpointer = self._checkpointer()
         if self.rank > 0:
             # Same weights everywhere (DDP copies rank 0's), but each rank its own augmentations.
             seed_everything(cfg.SOLVER.SEED + self.rank)
@@ -143,54 +145,56 @@ class DefaultTrainer(Trainer):
         return self.eval_hook.evaluate()
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict:
-        """Everything an exact resume needs (docs/ARCHITECTURE.md: the checkpoint invariants)."""
-        memory, adapter = self.objective.memory, self.objective.adapter
-        state = {
-            "iteration": self.iteration, "config": self.cfg.dump(), "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(), "skipped_steps": self.guard.skipped_steps,
-            "plateau": self.plateau.state_dict() if self.plateau is not None else None,
-            # The layout of xbm 0.1's checkpoints: the objective's memory and adapter state apart.
-            "memory": memory.state_dict() if memory is not None else None,
-            "adapter": adapter.state_dict() if adapter is not None else None,
-            "drift": None, "rng": rng_states(), "world_size": self.world_size,
-            "best_on_test": None,  # BestOnTestReport's, when TEST.REPORT_BEST_ON_TEST is on
-        }
-        for hook in self.hooks:
-            state.update(hook.state_dict())
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.guard.skipped_steps = state.get("skipped_steps", 0)  # absent from checkpoints of xbm 0.1
-        if self.plateau is not None and state.get("plateau") is not None:
-            self.plateau.load_state_dict(state["plateau"])
-        if self.objective.memory is not None:
-            self.objective.memory.load_state_dict(state["memory"])
-        if self.objective.adapter is not None:
-            self.objective.adapter.load_state_dict(state["adapter"])
-        for hook in self.hooks:
-            hook.load_state_dict(state)
-        self.iteration = state["iteration"]
+    def _checkpointer(self) -> Checkpointer:
+        """The run's checkpointables by name, and its hooks (the list itself: hooks registered later count)."""
+        parts = {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler, "scaler": self.scaler,
+                 "objective": self.objective, "guard": self.guard}
+        if self.plateau is not None:
+            parts["plateau"] = self.plateau
+        return Checkpointer(os.path.dirname(self.checkpoint_path), parts, self.hooks, rank=self.rank,
+                            world_size=self.world_size)
 
     def checkpoint_state(self) -> dict | None:
-        """state_dict() plus every rank's random state; a collective: all ranks call it, rank 0 gets it."""
-        return checkpoint_state(self)
+        """The checkpoint of now (layout 2, xbm/engine/checkpointer.py); a collective: rank 0 gets it."""
+        return self.checkpointer.state(iteration=self.iteration, config=self.cfg.dump())
 
     def save(self) -> None:
         """checkpoints/last.pth, and iter_<N>.pth with SOLVER.KEEP_CHECKPOINTS (the newest N kept)."""
-        save_training(self)
-
-    def resume(self, path: str) -> None:
-        """Load `path` ("auto": last.pth if there is one); every rank must agree."""
-        resume_training(self, path)
+        self.checkpointer.save("last.pth", keep=self.cfg.SOLVER.KEEP_CHECKPOINTS, iteration=self.iteration,
+                               config=self.cfg.dump())
 
     def save_best(self) -> None:
         """checkpoints/best.pth (a collective, like `save`)."""
-        state = self.checkpoint_state()
-        if self.is_main:
-            save_checkpoint(state, os.path.join(os.path.dirname(self.checkpoint_path), "best.pth"))
+        self.checkpointer.save("best.pth", iteration=self.iteration, config=self.cfg.dump())
+
+    def resume(self, path: str) -> None:
+        """Load `path` ("auto": last.pth if there is one, else start from scratch); every rank must agree."""
+        self._load(path)
+        if self.world_size > 1:
+            iterations = all_gather_object(self.iteration)
+            if len(set(iterations)) > 1:
+                raise ValueError(
+                    f"the ranks resumed at different iterations {iterations}: every node must read the same checkpoint "
+                    f"{self.checkpoint_path} (put OUTPUT_DIR on a shared file system or copy it to every node)")
+
+    def _load(self, path: str) -> None:
+        if path == "auto":
+            path = self.checkpoint_path
+            if not os.path.isfile(path):
+                self.logger.info(f"no checkpoint at {path}: starting from scratch")
+                return
+        state = self.checkpointer.load(path)
+        diffs = config_differences(yaml.safe_load(state["config"]), yaml.safe_load(self.cfg.dump()))
+        if diffs:
+            raise ValueError(f"checkpoint {path} was trained with another config: " + "; ".join(diffs))
+        for note in self.checkpointer.restore(state):
+            self.logger.warning(f"resuming from {path}: {note}")
+        self.iteration = state["iteration"]
+        self.logger.info(f"resumed from {path} at iteration {self.iteration}")
+        saved_world = state.get("world_size", 1)
+        if saved_world != self.world_size:
+            batch = self.cfg.DATA.BATCH_SIZE
+            self.logger.warning(
+                f"{path} was written by a run of {saved_world} process(es) and this run has {self.world_size}: "
+                f"the global batch changes from {saved_world * batch} to {self.world_size * batch} images and the "
+                "batch stream continues elsewhere")

@@ -9,8 +9,9 @@ The trainer calls, in the order the hooks were registered:
 A hook is built with everything it needs as arguments (xbm/engine/defaults.py builds the default ones
 from a config); from the trainer it reads only the loop's own state (iteration, max_iters, model,
 objective, optimizer, scaler, guard, step_outputs, stop_requested, world_size, device). A hook that
-holds state a resumed run needs returns it from `state_dict()` as top-level checkpoint entries and reads
-it back in `load_state_dict(checkpoint)`; every rank's hooks are asked, and only rank 0 writes files.
+holds state a resumed run needs returns it from `state_dict()` (a dict, saved under the hook's name: its
+`checkpoint_name` or class name, xbm/engine/checkpointer.py) and reads it back in `load_state_dict(state)`;
+every rank's hooks are asked, and only rank 0 writes files.
 
 The default hooks, in order (DefaultTrainer.build_hooks): StopOnSignal, DriftProbe (DRIFT.ENABLE),
 MemoryDriftProbe (DRIFT.MEMORY_PROBE), MetricWriter, PeriodicCheckpointer, EvalHook, and the hooks that
@@ -58,9 +59,10 @@ class HookBase:
         """Always called when `train()` ends, even by an exception: release what the hook holds."""
 
     def state_dict(self) -> dict:
+        """This hook's state for a resumed run ({}: none), saved under its name."""
         return {}
 
-    def load_state_dict(self, checkpoint: dict) -> None:
+    def load_state_dict(self, state: dict) -> None:
         pass
 
 
@@ -115,11 +117,10 @@ class DriftProbe(HookBase):
             self.record(self.trainer.iteration, drift)
 
     def state_dict(self) -> dict:
-        return {"drift": self.monitor.state_dict()}
+        return self.monitor.state_dict()
 
-    def load_state_dict(self, checkpoint: dict) -> None:
-        if checkpoint.get("drift") is not None:
-            self.monitor.load_state_dict(checkpoint["drift"])
+    def load_state_dict(self, state: dict) -> None:
+        self.monitor.load_state_dict(state)
 
 
 class MemoryDriftProbe(HookBase):
@@ -281,8 +282,8 @@ class BestCheckpointer(HookBase):
     def state_dict(self) -> dict:
         return {"best_metric": self.best_metric}
 
-    def load_state_dict(self, checkpoint: dict) -> None:
-        self.best_metric = checkpoint.get("best_metric")
+    def load_state_dict(self, state: dict) -> None:
+        self.best_metric = state.get("best_metric")
 
 
 class PlateauLR(HookBase):
@@ -329,5 +330,5 @@ class BestOnTestReport(HookBase):
     def state_dict(self) -> dict:
         return {"best_on_test": self.best_on_test}
 
-    def load_state_dict(self, checkpoint: dict) -> None:
-        self.best_on_test = checkpoint.get("best_on_test")
+    def load_state_dict(self, state: dict) -> None:
+        self.best_on_test = state.get("best_on_test")

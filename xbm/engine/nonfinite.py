@@ -41,6 +41,12 @@ class NonFiniteGuard:
         self._buffer_backup = None
         self._objective_point: ObjectiveUndoPoint | None = None
 
+    def state_dict(self) -> dict:
+        return {"skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+
     def before_step(self, global_batch: int) -> None:
         buffers = list(self.model.buffers())
         if self._buffer_backup is None:
