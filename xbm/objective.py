@@ -31,8 +31,6 @@ from .memory import MemoryAdapter, as_memory_adapter, build_adapter, build_memor
 from .memory.cross_batch_memory import CrossBatchMemory, UndoPoint
 from .utils.distributed import all_gather_batch, all_gather_with_grad, get_rank, get_world_size
 
-FILL_FROM = MEMORY_FILL_FROM  # XBM.FILL_FROM: when the memory starts receiving batches
-
 
 class ObjectiveUndoPoint(NamedTuple):
     """What one call may change before its loss is known to be finite (see `undo_point`)."""
@@ -64,8 +62,8 @@ class CrossBatchObjective(nn.Module):
                  inbatch_weight: float = 1.0, memory_weight: float = 1.0, start_iteration: int = 0,
                  fill_from: str = "iteration_0", check_values: bool = True) -> None:
         super().__init__()
-        if fill_from not in FILL_FROM:
-            raise ValueError(f"fill_from must be one of {FILL_FROM}, got {fill_from!r}")
+        if fill_from not in MEMORY_FILL_FROM:
+            raise ValueError(f"fill_from must be one of {MEMORY_FILL_FROM}, got {fill_from!r}")
         if adapter is not None and memory is None:
             raise ValueError("an adapter needs a memory to adapt")
         self.loss = loss

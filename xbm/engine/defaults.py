@@ -54,7 +54,8 @@ class DefaultTrainer(Trainer):
         self.train_set, val_tasks = build_training_data(cfg)
         self.cfg = cfg = resolve_memory_size(cfg, len(self.train_set), world_size)
         self.evaluator = build_evaluator(cfg, device, val_tasks) if self.is_main else None
-        model = build_model(cfg).to(device, memory_format=memory_format(cfg))
+        image_format = memory_format(cfg)
+        model = build_model(cfg).to(device, memory_format=image_format)
         # What training steps call (DDP, compiled); the model is what is saved and evaluated.
         network = compiled(distributed(model, device, world_size), cfg)
         objective = build_objective(cfg, device)
@@ -66,7 +67,7 @@ class DefaultTrainer(Trainer):
                                self.checkpoint_path)
         super().__init__(model, objective, None, optimizer, scheduler, scaler, max_iters=cfg.SOLVER.MAX_ITERS,
                          device=device, network=network, guard=guard, amp_dtype=amp_dtype,
-                         memory_format=memory_format(cfg), head_warmup_iters=cfg.SOLVER.HEAD_WARMUP_ITERS,
+                         memory_format=image_format, head_warmup_iters=cfg.SOLVER.HEAD_WARMUP_ITERS,
                          grad_clip=cfg.SOLVER.GRAD_CLIP, log_period=cfg.SOLVER.LOG_PERIOD,
                          log_grad_norms=cfg.SOLVER.LOG_GRAD_NORMS, world_size=world_size)
         self.writer = TensorboardWriter(self.output_dir if self.is_main else None)
