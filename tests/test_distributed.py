@@ -21,7 +21,7 @@ from xbm.config.rules import check_global_batch
 from xbm.data.sampler import MPerClassBatchSampler
 from xbm.engine.checkpoint import load_checkpoint
 from xbm.engine.defaults import DefaultTrainer
-from xbm.engine.hooks import HookBase
+from xbm.engine.hooks import HookBase, RefreshMemory
 from xbm.engine.run_guard import StopSignals, TrainingStopped
 from xbm.utils.distributed import (agree_on_step, all_gather_batch, all_gather_object, all_gather_with_grad,
                                    broadcast_object, get_rank, get_world_size, init_distributed,
@@ -104,7 +104,20 @@ CASES = {
     # A timm ViT (LayerNorm: images one by one, so no frozen statistics are needed) with XBN
     "vit_xbn": ("tests/fixtures/tiny_vit_xbn.yaml", [],
                 [["loss/inbatch", "loss/total"]] + [["loss/inbatch", "loss/memory", "loss/total"]] * 2),
+    # XBN with the three encoder-side corrections: the key encoder's rows gathered into the memory, its
+    # moving average the same on both ranks, rank 0's refresh broadcast, age-weighted memory pairs (of the
+    # averaged contrastive loss: supervised contrastive mines no pair of this untrained net's embeddings)
+    "encoder_side": ("tests/fixtures/glyphs_encoder_side.yaml",
+                     ["DATA.VAL_FRACTION", "0.25", "LOSS.NAME", "contrastive", "LOSS.CONTRASTIVE.REDUCTION", "pairs"],
+                     [["loss/inbatch", "loss/total"]] + [["loss/inbatch", "loss/memory", "loss/total"]] * 2),
 }
+
+
+def _refresh(trainer: DefaultTrainer) -> None:
+    """The refresh hook's after_step, which _record_steps' bare steps would not call (a collective)."""
+    for hook in trainer.hooks:
+        if isinstance(hook, RefreshMemory):
+            hook.after_step()
 
 
 def _case_opts(root, out, extra, batch=BATCH):
@@ -122,13 +135,17 @@ def _record_steps(trainer: DefaultTrainer) -> dict:
     record = {"initial": {k: v.clone() for k, v in trainer.model.state_dict().items()}, "steps": []}
     batches = iter(trainer.train_loader())
     for _ in range(STEPS):
-        images, labels, _ = next(batches)
-        parts = trainer.train_step(images, labels)
+        images, labels, ids = next(batches)
+        parts = trainer.train_step(images, labels, ids)
         trainer.iteration += 1
+        _refresh(trainer)
         record["steps"].append({
             "images": images, "labels": labels, "losses": sorted(k for k in parts if k.startswith("loss/")),
             "grads": {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None},
             "memory": {k: v.clone() for k, v in trainer.objective.memory.state_dict().items()},
+            "key_encoder": ({k: v.clone() for k, v in trainer.key_encoder.state_dict().items()}
+                            if trainer.key_encoder is not None else {}),
+            "ids": ids,
         })
     return record
 
@@ -205,9 +222,10 @@ def test_two_ranks_share_one_memory_and_the_gradients_of_one_process(glyph_root,
                 assert record["labels"].tolist() == train_labels[sampler.batch(step * WORLD + r)].tolist()
                 assert record["losses"] == losses[step], (name, step, r)
             # one process on the same global batch, rank 0's rows first
-            images, labels = (torch.cat([rec[key] for rec in by_rank]) for key in ("images", "labels"))
-            single.train_step(images, labels)
+            images, labels, ids = (torch.cat([rec[key] for rec in by_rank]) for key in ("images", "labels", "ids"))
+            single.train_step(images, labels, ids)
             single.iteration += 1
+            _refresh(single)
 
             first, second = by_rank
             for key, value in first["memory"].items():  # every rank holds the same memory, bit for bit
@@ -217,6 +235,10 @@ def test_two_ranks_share_one_memory_and_the_gradients_of_one_process(glyph_root,
             pointer = int(first["memory"]["_extra_state"][0])  # the memory's extra state: [pointer, fill]
             assert pointer == int(expected_memory["_extra_state"][0]) == (16 * (step + 1)) % 40
             torch.testing.assert_close(first["memory"]["feats"], expected_memory["feats"], rtol=1e-5, atol=1e-6)
+            if single.key_encoder is not None:  # one moving average on every rank, that of one process
+                for key, value in single.key_encoder.state_dict().items():
+                    assert torch.equal(first["key_encoder"][key], second["key_encoder"][key]), (name, step, key)
+                    torch.testing.assert_close(first["key_encoder"][key], value, rtol=1e-5, atol=1e-6)
 
             expected = {n: p.grad for n, p in single.model.named_parameters() if p.grad is not None}
             assert first["grads"].keys() == second["grads"].keys() == expected.keys()

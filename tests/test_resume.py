@@ -29,9 +29,11 @@ def _train_command(root, out, *extra, config="configs/glyphs_axbn.yaml"):
     return [sys.executable, "tools/train_net.py", "--cfg", config, *_opts(root, out, *extra)]
 
 
-# The conv net with AXBN, and a timm ViT (no BatchNorm; AdamW with its decay groups) with XBN.
+# The conv net with AXBN, a timm ViT (no BatchNorm; AdamW with its decay groups) with XBN, and the conv net
+# with XBN and the three encoder-side corrections (key encoder, refresh, age weighting).
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["configs/glyphs_axbn.yaml", "tests/fixtures/tiny_vit_xbn.yaml"])
+@pytest.mark.parametrize("config", ["configs/glyphs_axbn.yaml", "tests/fixtures/tiny_vit_xbn.yaml",
+                                    "tests/fixtures/glyphs_encoder_side.yaml"])
 def test_killed_run_resumes_to_the_same_weights_memory_and_metrics(glyph_root, tmp_path, config):
     common = ("SOLVER.MAX_ITERS", "60", "SOLVER.CHECKPOINT_PERIOD", "10")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # same thread count in every process: same sums
@@ -66,6 +68,10 @@ def test_killed_run_resumes_to_the_same_weights_memory_and_metrics(glyph_root, t
     for name, value in checkpoint_adapter(a).items():
         if isinstance(value, torch.Tensor):
             torch.testing.assert_close(checkpoint_adapter(b)[name], value, rtol=0, atol=1e-6, msg=name)
+    assert a.keys() == b.keys()
+    for name, tensor in (a.get("key_encoder") or {}).items():
+        torch.testing.assert_close(b["key_encoder"][name], tensor, rtol=0, atol=1e-6, msg=name)
+    assert a["hooks"] == b["hooks"]  # the refresh's cursor among them
     last = [json.loads((run / "metrics.jsonl").read_text().splitlines()[-1]) for run in (reference, killed)]
     assert last[0]["iteration"] == last[1]["iteration"] == 60
     for key in ("R@1", "R@10", "MAP@R"):

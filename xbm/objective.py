@@ -14,7 +14,9 @@ One call does what Wang et al.'s XBM step and Ajanthan et al.'s XBN step do:
   4. enqueue the detached global batch (before the memory loss, so that loss sees it too: the
      slots it lands in tell the loss which stored entry is each anchor's own copy);
   5. from `start_iteration` on, the memory loss: the anchors against every stored entry, times
-     `memory_weight`.
+     `memory_weight` (with `age_weighting`, each entry's pairs weighted by its age).
+What enters the memory is the global batch's embeddings, or, given `memory_rows` (a momentum key
+encoder's embeddings of the same images, xbm/memory/key_encoder.py), those rows instead.
 The memory and the adapter's filter state are part of `state_dict()`, so saving the objective next
 to the model and the optimizer is enough to continue a run exactly.
 """
@@ -28,6 +30,7 @@ from torch import nn
 from .config.rules import MEMORY_FILL_FROM
 from .losses import build_loss
 from .memory import MemoryAdapter, as_memory_adapter, build_adapter, build_memory
+from .memory.age_weighting import AgeWeighting
 from .memory.cross_batch_memory import CrossBatchMemory, UndoPoint
 from .utils.distributed import all_gather_batch, all_gather_with_grad, get_rank, get_world_size
 
@@ -53,6 +56,8 @@ class CrossBatchObjective(nn.Module):
         start_iteration: the first iteration whose loss includes the memory term.
         fill_from: "iteration_0" fills the memory from the first call on (the official code);
             "start_iteration" only from `start_iteration` on.
+        age_weighting: weights the memory term's pairs by the entries' ages (an
+            `xbm.memory.AgeWeighting`; the loss must take `ref_weights`); None: every entry alike.
         check_values: let the loss check its inputs (unit norms, finite values; a host
             synchronisation each). The trainer checks finiteness itself, once per step.
     """
@@ -60,12 +65,18 @@ class CrossBatchObjective(nn.Module):
     def __init__(self, loss: nn.Module, memory: CrossBatchMemory | None = None,
                  adapter: MemoryAdapter | Callable | None = None, *,
                  inbatch_weight: float = 1.0, memory_weight: float = 1.0, start_iteration: int = 0,
-                 fill_from: str = "iteration_0", check_values: bool = True) -> None:
+                 fill_from: str = "iteration_0", age_weighting: AgeWeighting | None = None,
+                 check_values: bool = True) -> None:
         super().__init__()
         if fill_from not in MEMORY_FILL_FROM:
             raise ValueError(f"fill_from must be one of {MEMORY_FILL_FROM}, got {fill_from!r}")
         if adapter is not None and memory is None:
             raise ValueError("an adapter needs a memory to adapt")
+        if age_weighting is not None and memory is None:
+            raise ValueError("age weighting weights memory entries: it needs a memory")
+        if age_weighting is not None and not getattr(loss, "supports_ref_weights", False):
+            raise ValueError(f"XBM.AGE_WEIGHT_SCALE weights the memory's pairs, which {type(loss).__name__} does not "
+                             "support (ref_weights): use LOSS.NAME contrastive or supcon")
         self.loss = loss
         self.memory = memory
         self.adapter = as_memory_adapter(adapter)
@@ -73,6 +84,7 @@ class CrossBatchObjective(nn.Module):
         self.memory_weight = float(memory_weight)
         self.start_iteration = int(start_iteration)
         self.fill_from = fill_from
+        self.age_weighting = age_weighting
         self.check_values = check_values
 
     # ------------------------------------------------------------------ the step
@@ -81,12 +93,16 @@ class CrossBatchObjective(nn.Module):
         return self.inbatch_weight > 0 or (self.memory is not None and self._memory_loss_on(iteration))
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, iteration: int, *,
-                item_ids: torch.Tensor | None = None,
+                item_ids: torch.Tensor | None = None, memory_rows: torch.Tensor | None = None,
                 gradient_norms: bool = False) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         """The weighted loss of this step (None when it has none) and its parts: `loss/inbatch`,
         `loss/memory` and the losses' pair counts `pairs/<term>_<name>` (0-dim tensors).
 
         item_ids: the rows' dataset indices, kept by a memory that tracks items (else ignored).
+
+        memory_rows: what to enqueue for this rank's rows instead of `embeddings` (detached; a momentum
+        key encoder's embeddings of the same images); the adapter still matches the memory to the
+        batch's `embeddings`, which the loss compares with it.
 
         gradient_norms: also the norm of each weighted term's gradient with respect to
         `embeddings` (`grad/inbatch_norm`, `grad/memory_norm`, and `grad/memory_over_inbatch`
@@ -107,7 +123,7 @@ class CrossBatchObjective(nn.Module):
             stats.update(self._stats("inbatch", loss))
             total = terms["inbatch"] = self.inbatch_weight * loss
         if self.memory is not None and self._memory_fills(iteration):
-            term = self._memory_term(embeddings, labels, iteration, gathered, stats, item_ids)
+            term = self._memory_term(embeddings, labels, iteration, gathered, stats, item_ids, memory_rows)
             if term is not None:
                 terms["memory"] = term
                 total = term if total is None else total + term
@@ -116,7 +132,7 @@ class CrossBatchObjective(nn.Module):
         return total, stats
 
     def _memory_term(self, embeddings, labels, iteration: int, gathered: tuple, stats: dict,
-                     item_ids: torch.Tensor | None) -> torch.Tensor | None:
+                     item_ids: torch.Tensor | None, memory_rows: torch.Tensor | None) -> torch.Tensor | None:
         """Adapt and enqueue the global batch; from `start_iteration` on, the weighted memory loss."""
         batch_embeddings, batch_labels, own_rows = gathered
         batch = batch_embeddings.detach()
@@ -124,13 +140,18 @@ class CrossBatchObjective(nn.Module):
             self.memory.adapt_(self.adapter, batch)  # global-batch moments: every rank adapts alike
         if item_ids is not None and self.memory.track_items and own_rows is not None:
             item_ids = all_gather_batch(item_ids.to(embeddings.device))  # the global batch's, in its order
-        slots = self.memory.enqueue(batch, batch_labels, item_ids if self.memory.track_items else None)
+        rows = batch
+        if memory_rows is not None:
+            rows = memory_rows.detach() if own_rows is None else all_gather_batch(memory_rows.detach())
+        slots = self.memory.enqueue(rows, batch_labels, item_ids if self.memory.track_items else None)
         if own_rows is not None:
             slots = slots[own_rows]
         if not self._memory_loss_on(iteration):
             return None
         feats, mem_labels = self.memory.get()
-        loss = self.loss(embeddings, labels, feats, mem_labels, ref_self_index=slots, check_values=self.check_values)
+        weights = None if self.age_weighting is None else self.age_weighting.weights(self.memory, batch.shape[0])
+        loss = self.loss(embeddings, labels, feats, mem_labels, ref_self_index=slots, check_values=self.check_values,
+                         **({} if weights is None else {"ref_weights": weights}))
         stats.update(self._stats("memory", loss))
         return self.memory_weight * loss
 
@@ -192,8 +213,10 @@ class CrossBatchObjective(nn.Module):
             self.adapter.load_state_dict(saved)
 
     def extra_repr(self) -> str:
+        weighting = f", age_weighting={self.age_weighting!r}" if self.age_weighting is not None else ""
         return (f"inbatch_weight={self.inbatch_weight}, memory_weight={self.memory_weight}, "
-                f"start_iteration={self.start_iteration}, fill_from={self.fill_from!r}, adapter={self.adapter!r}")
+                f"start_iteration={self.start_iteration}, fill_from={self.fill_from!r}, adapter={self.adapter!r}"
+                + weighting)
 
 
 def _gradient_norms(terms: dict[str, torch.Tensor], embeddings: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -214,8 +237,10 @@ def build_objective(cfg, device: torch.device | str = "cpu") -> CrossBatchObject
     memory skip their own value checks: the trainer folds the finiteness check into its one host
     synchronisation per step."""
     loss = build_loss(cfg)
-    memory = build_memory(cfg, device, check_finite=False, track_items=cfg.DRIFT.MEMORY_PROBE)
+    memory = build_memory(cfg, device, check_finite=False,
+                          track_items=cfg.DRIFT.MEMORY_PROBE or cfg.XBM.REFRESH_PER_STEP > 0)
     adapter = build_adapter(cfg) if memory is not None else None
+    weighting = AgeWeighting(cfg.XBM.AGE_WEIGHT_SCALE) if memory is not None and cfg.XBM.AGE_WEIGHT_SCALE > 0 else None
     return CrossBatchObjective(loss, memory, adapter, inbatch_weight=cfg.LOSS.INBATCH_WEIGHT,
                                memory_weight=cfg.XBM.WEIGHT, start_iteration=cfg.XBM.START_ITERATION,
-                               fill_from=cfg.XBM.FILL_FROM, check_values=False)
+                               fill_from=cfg.XBM.FILL_FROM, age_weighting=weighting, check_values=False)

@@ -19,6 +19,8 @@ def check_cfg(cfg: CfgNode) -> None:
         raise ValueError(f"XBM.FILL_FROM {cfg.XBM.FILL_FROM!r} is not one of {MEMORY_FILL_FROM}")
     if cfg.XBM.ENABLE and cfg.XBM.WEIGHT < 0:
         raise ValueError(f"XBM.WEIGHT must be >= 0, got {cfg.XBM.WEIGHT}")
+    if cfg.XBM.ENABLE:
+        _check_drift_corrections(cfg)
     if cfg.LOSS.INBATCH_WEIGHT < 0:
         raise ValueError(f"LOSS.INBATCH_WEIGHT must be >= 0, got {cfg.LOSS.INBATCH_WEIGHT}")
     if cfg.LOSS.INBATCH_WEIGHT == 0 and not (cfg.XBM.ENABLE and cfg.XBM.WEIGHT > 0):
@@ -85,6 +87,27 @@ def check_backbone(cfg: CfgNode) -> None:
     timm_model_name(spec.NAME)
     with torch.device("meta"):
         BACKBONE_REGISTRY.get(spec.NAME).from_config(cfg)
+
+
+def _check_drift_corrections(cfg: CfgNode) -> None:
+    """The encoder-side corrections' keys (XBM.KEY_MOMENTUM, XBM.REFRESH_PER_STEP, XBM.AGE_WEIGHT_SCALE)."""
+    if not 0.0 <= cfg.XBM.KEY_MOMENTUM < 1.0:
+        raise ValueError(f"XBM.KEY_MOMENTUM must be in [0, 1) (0 = off; e.g. 0.99), got {cfg.XBM.KEY_MOMENTUM}")
+    if cfg.XBM.REFRESH_PER_STEP < 0:
+        raise ValueError(f"XBM.REFRESH_PER_STEP must be >= 0 (0 = off), got {cfg.XBM.REFRESH_PER_STEP}")
+    if cfg.XBM.SIZE > 0 and cfg.XBM.REFRESH_PER_STEP > cfg.XBM.SIZE:
+        raise ValueError(f"XBM.REFRESH_PER_STEP ({cfg.XBM.REFRESH_PER_STEP}) is more than the memory holds "
+                         f"(XBM.SIZE {cfg.XBM.SIZE})")
+    if cfg.XBM.AGE_WEIGHT_SCALE < 0:
+        raise ValueError(f"XBM.AGE_WEIGHT_SCALE must be >= 0 (0 = off; an age in iterations), got "
+                         f"{cfg.XBM.AGE_WEIGHT_SCALE}")
+    if cfg.XBM.AGE_WEIGHT_SCALE > 0:
+        from ..losses import LOSS_REGISTRY  # imported here, as in check_registered_names
+
+        loss = LOSS_REGISTRY.get(cfg.LOSS.NAME)(cfg)
+        if not getattr(loss, "supports_ref_weights", False):
+            raise ValueError(f"XBM.AGE_WEIGHT_SCALE weights the memory's pairs, which LOSS.NAME {cfg.LOSS.NAME} does "
+                             "not support: use contrastive or supcon, or set XBM.AGE_WEIGHT_SCALE 0")
 
 
 def _check_memory_probe(cfg: CfgNode) -> None:

@@ -147,6 +147,19 @@ _C.XBM.DTYPE = "float32"
 # memory grows from empty, as the official trainer does: research-xbm
 # ret_benchmark/engine/trainer.py:105-106@223ecdc)
 _C.XBM.FILL_FROM = "iteration_0"
+# Corrections of the memory's drift at the encoder (BENCHMARKS, "Encoder-side drift"), each off at 0;
+# each combines with XBM.ADAPT and with the others.
+# A momentum key encoder (MoCo, He et al. 2020; xbm/memory/key_encoder.py): the memory is filled from an
+# exponential moving average of the model (key = m key + (1 - m) model after each step), the loss's anchors
+# come from the model itself. One more forward of the batch per step, no gradient. 0: off; e.g. 0.99, 0.999
+_C.XBM.KEY_MOMENTUM = 0.0
+# Partial refresh (xbm/memory/refresh.py): after each step, this many stored entries are re-embedded by the
+# current network (eval mode, test-time transform, no gradient), a cursor sweeping the memory; their images
+# are found through the items the memory then tracks (twice its bytes). 0: off
+_C.XBM.REFRESH_PER_STEP = 0
+# Age weighting (xbm/memory/age_weighting.py): each memory entry's pairs weigh exp(-age / this), the age in
+# iterations, normalised to average 1 over the memory. 0: off. LOSS.NAME contrastive or supcon
+_C.XBM.AGE_WEIGHT_SCALE = 0.0
 
 _C.XBM.ADAPT = CN()
 # Memory adaptation before each step: none (XBM) | xbn (moment matching) | axbn (Kalman) | ema |

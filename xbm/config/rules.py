@@ -22,6 +22,7 @@ RESUMABLE_CHANGES = (
 
 # Keys read only when XBM.ENABLE is True (a key ending with "." covers its whole sub-tree).
 MEMORY_ONLY_KEYS = ("XBM.SIZE", "XBM.START_ITERATION", "XBM.WEIGHT", "XBM.DTYPE", "XBM.FILL_FROM", "XBM.ADAPT.",
+                    "XBM.KEY_MOMENTUM", "XBM.REFRESH_PER_STEP", "XBM.AGE_WEIGHT_SCALE",
                     "DRIFT.MEMORY_PROBE", "DRIFT.MEMORY_INTERVAL", "DRIFT.MEMORY_SAMPLES")
 
 MEMORY_SIZE_KEY = "XBM.SIZE"

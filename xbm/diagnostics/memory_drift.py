@@ -49,6 +49,16 @@ def known_slots(memory: CrossBatchMemory) -> torch.Tensor:
     return valid[memory.items.item_ids[valid] >= 0]
 
 
+def embed_training_items(model: torch.nn.Module, dataset, item_ids: torch.Tensor, device=None,
+                         batch_size: int = 256) -> torch.Tensor:
+    """`model`'s embeddings (eval mode, no gradient; float32, CPU) of the items `item_ids` of `dataset` (the
+    training set through the test-time transform): what the probe compares with and a refresh stores."""
+    ids = item_ids.tolist()
+    batches = (torch.stack([dataset[i][0] for i in ids[start:start + batch_size]])
+               for start in range(0, len(ids), batch_size))
+    return embed_in_eval_mode(model, batches, device)
+
+
 class MemoryProbe:
     """Every `interval` iterations, re-embeds `num_samples` random memory entries and reports the
     cosines of the module docstring.
@@ -86,10 +96,7 @@ class MemoryProbe:
 
     def embed_items(self, model: torch.nn.Module, item_ids: torch.Tensor) -> torch.Tensor:
         """The current network's embeddings of these training items (float32, CPU)."""
-        ids = item_ids.tolist()
-        batches = (torch.stack([self.dataset[i][0] for i in ids[start:start + self.batch_size]])
-                   for start in range(0, len(ids), self.batch_size))
-        return embed_in_eval_mode(model, batches, self.device)
+        return embed_training_items(model, self.dataset, item_ids, self.device, self.batch_size)
 
     @torch.no_grad()
     def measure(self, model: torch.nn.Module, memory: CrossBatchMemory, iteration: int) -> dict | None:

@@ -4,8 +4,9 @@ with weights_only=True), and every older layout read as this one.
 Layout 2 (`"layout": 2`), a dict of:
   iteration, config (YAML), world_size      what the run is; xbm-eval and the serving tools read these
   model, optimizer, scheduler, scaler,      each checkpointable's own state_dict() under its name
-  objective, guard[, plateau]               (objective: the memory's buffers as memory.*, the adapter's
-                                            filter in its extra state; guard: the skipped-step count)
+  objective, guard[, plateau][, key_encoder] (objective: the memory's buffers as memory.*, the adapter's
+                                            filter in its extra state; guard: the skipped-step count;
+                                            key_encoder: XBM.KEY_MOMENTUM's moving-average weights)
   hooks: {name: state}                      each hook with state under its name (its class name, or its
                                             `checkpoint_name`)
   rng[, rng_per_rank]                       the random states (every rank's under torch.distributed)

@@ -15,6 +15,8 @@ import yaml  # yacs depends on PyYAML
 
 from ..config import check_cfg
 from ..config.rules import check_global_batch, config_differences, resolve_memory_size
+from ..memory.key_encoder import MomentumKeyEncoder
+from ..memory.refresh import MemoryRefresh
 from ..modeling import build_model
 from ..objective import build_objective
 from ..utils.distributed import all_gather_object, broadcast_object, get_rank, get_world_size, init_distributed
@@ -25,8 +27,8 @@ from .checkpointer import Checkpointer
 from .events import TensorboardWriter
 from .nonfinite import NonFiniteGuard
 from .performance import check_runtime, compiled, configure_backends, memory_format
-from .setup import (build_drift_monitor, build_evaluator, build_memory_probe, build_training_data,
-                    build_training_loader, distributed, format_results, log_setup)
+from .setup import (build_drift_monitor, build_evaluator, build_memory_probe, build_refresh_embedding,
+                    build_training_data, build_training_loader, distributed, format_results, log_setup)
 from .solver import build_optimizer, build_plateau, build_scheduler, parameter_groups
 from .trainer import Trainer
 
@@ -59,6 +61,9 @@ class DefaultTrainer(Trainer):
         # What training steps call (DDP, compiled); the model is what is saved and evaluated.
         network = compiled(distributed(model, device, world_size), cfg)
         objective = build_objective(cfg, device)
+        # XBM.KEY_MOMENTUM: a copy of the model after DDP's broadcast, so the same on every rank.
+        self.key_encoder = MomentumKeyEncoder(model, cfg.XBM.KEY_MOMENTUM) if objective.memory is not None \
+            and cfg.XBM.KEY_MOMENTUM > 0 else None
         optimizer = build_optimizer(cfg, parameter_groups(cfg, model))
         self.plateau = build_plateau(cfg)  # SOLVER.SCHEDULER plateau: a factor stepped by evaluations
         scheduler = build_scheduler(cfg, optimizer, self.plateau)
@@ -69,7 +74,8 @@ class DefaultTrainer(Trainer):
                          device=device, network=network, guard=guard, amp_dtype=amp_dtype,
                          memory_format=image_format, head_warmup_iters=cfg.SOLVER.HEAD_WARMUP_ITERS,
                          grad_clip=cfg.SOLVER.GRAD_CLIP, log_period=cfg.SOLVER.LOG_PERIOD,
-                         log_grad_norms=cfg.SOLVER.LOG_GRAD_NORMS, world_size=world_size)
+                         log_grad_norms=cfg.SOLVER.LOG_GRAD_NORMS, world_size=world_size,
+                         key_encoder=self.key_encoder)
         self.writer = TensorboardWriter(self.output_dir if self.is_main else None)
         self.register_hooks(self.build_hooks() + list(extra_hooks or []))
         self.checkpointer = self._checkpointer()
@@ -89,6 +95,10 @@ class DefaultTrainer(Trainer):
         """The default hooks, in the order they run (see xbm/engine/hooks.py), each given what it needs."""
         cfg = self.cfg
         hooks: list[default_hooks.HookBase] = [default_hooks.StopOnSignal(self.save, self.checkpoint_path)]
+        if self.objective.memory is not None and cfg.XBM.REFRESH_PER_STEP > 0:
+            # before the probes (they see what the next step reads) and the checkpointer (it saves the result)
+            hooks.append(default_hooks.RefreshMemory(MemoryRefresh(cfg.XBM.REFRESH_PER_STEP),
+                                                     build_refresh_embedding(cfg, self.train_set, self.device)))
         hooks += self._probe_hooks()
         hooks += [default_hooks.MetricWriter(cfg.SOLVER.LOG_PERIOD, self.writer, self.logger, self.is_main),
                   default_hooks.PeriodicCheckpointer(self.save, cfg.SOLVER.CHECKPOINT_PERIOD)]
@@ -152,6 +162,8 @@ class DefaultTrainer(Trainer):
                  "objective": self.objective, "guard": self.guard}
         if self.plateau is not None:
             parts["plateau"] = self.plateau
+        if self.key_encoder is not None:
+            parts["key_encoder"] = self.key_encoder
         return Checkpointer(os.path.dirname(self.checkpoint_path), parts, self.hooks, rank=self.rank,
                             world_size=self.world_size)
 

@@ -13,8 +13,8 @@ holds state a resumed run needs returns it from `state_dict()` (a dict, saved un
 `checkpoint_name` or class name, xbm/engine/checkpointer.py) and reads it back in `load_state_dict(state)`;
 every rank's hooks are asked, and only rank 0 writes files.
 
-The default hooks, in order (DefaultTrainer.build_hooks): StopOnSignal, DriftProbe (DRIFT.ENABLE),
-MemoryDriftProbe (DRIFT.MEMORY_PROBE), MetricWriter, PeriodicCheckpointer, EvalHook, and the hooks that
+The default hooks, in order (DefaultTrainer.build_hooks): StopOnSignal, RefreshMemory
+(XBM.REFRESH_PER_STEP), DriftProbe (DRIFT.ENABLE), MemoryDriftProbe (DRIFT.MEMORY_PROBE), MetricWriter, PeriodicCheckpointer, EvalHook, and the hooks that
 act on each evaluation, which EvalHook calls in order: EvaluationWriter, BestCheckpointer, PlateauLR,
 BestOnTestReport. A new hook is a subclass of HookBase passed to `DefaultTrainer(cfg, extra_hooks=[...])`
 (or `trainer.register_hooks([...])`); the loop does not change.
@@ -32,7 +32,8 @@ from tqdm import tqdm
 
 from ..diagnostics.drift import DriftMonitor
 from ..diagnostics.memory_drift import MemoryProbe
-from ..utils.distributed import sum_over_ranks
+from ..memory.refresh import MemoryRefresh
+from ..utils.distributed import broadcast_rows, get_rank, sum_over_ranks
 from ..utils.files import write_atomically
 from .run_guard import StopSignals, TrainingStopped
 from .solver import PlateauFactor, apply_scheduled_lr
@@ -136,6 +137,33 @@ class MemoryDriftProbe(HookBase):
         measured = self.probe.step(trainer.model, trainer.objective.memory, trainer.iteration)
         if measured is not None:
             self.record(trainer.iteration, measured)
+
+
+class RefreshMemory(HookBase):
+    """XBM.REFRESH_PER_STEP: after each step, `refresh` re-embeds its next memory entries with the model by
+    `embed(model, item_ids) -> rows` (eval mode, no gradient; xbm/memory/refresh.py). Under DDP rank 0
+    embeds and broadcasts the rows (each rank's BatchNorm statistics differ a little between DDP's buffer
+    broadcasts), so every rank's memory stays the same. Its state is the sweep's cursor."""
+
+    def __init__(self, refresh: MemoryRefresh, embed: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]):
+        self.refresh, self.embed = refresh, embed
+
+    def after_step(self) -> None:
+        trainer = self.trainer
+        memory = trainer.objective.memory
+        model = trainer.model
+
+        def embed(item_ids: torch.Tensor) -> torch.Tensor:
+            rows = self.embed(model, item_ids) if get_rank() == 0 else None
+            return broadcast_rows(rows, (len(item_ids), memory.dim), memory.dtype, memory.feats.device)
+
+        self.refresh.refresh(memory, embed)
+
+    def state_dict(self) -> dict:
+        return self.refresh.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.refresh.load_state_dict(state)
 
 
 class MetricWriter(HookBase):

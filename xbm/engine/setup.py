@@ -10,7 +10,7 @@ from ..data.sampler import sampler_class
 from ..data.transforms import build_transforms
 from ..data.validation import LabelledSubset, split_validation
 from ..diagnostics.drift import DriftMonitor
-from ..diagnostics.memory_drift import MemoryProbe
+from ..diagnostics.memory_drift import MemoryProbe, embed_training_items
 from ..evaluation.evaluator import Evaluator
 from .performance import evaluation_amp_dtype, memory_format
 
@@ -71,6 +71,17 @@ def build_memory_probe(cfg, train_set, device, world_size: int) -> MemoryProbe:
                        seed=cfg.SOLVER.SEED, device=device, batch_size=cfg.TEST.BATCH_SIZE)
 
 
+def build_refresh_embedding(cfg, train_set, device):
+    """XBM.REFRESH_PER_STEP's `embed(model, item_ids)`: the items of the training set through the test-time
+    transform, embedded in eval mode (as the memory probe re-embeds them)."""
+    view, batch_size = training_eval_view(cfg, train_set), cfg.TEST.BATCH_SIZE
+
+    def embed(model, item_ids):
+        return embed_training_items(model, view, item_ids, device, batch_size)
+
+    return embed
+
+
 def build_training_loader(cfg, train_set, start_batch: int, rank: int, world_size: int,
                           device: torch.device) -> DataLoader:
     """Batches from `start_batch` on (a resumed run continues the same stream), this rank's share."""
@@ -120,6 +131,12 @@ def log_setup(trainer) -> None:
             f"{memory.nbytes / 2**20:.2f} MiB; adaptation {cfg.XBM.ADAPT.NAME}; "
             f"memory loss from iteration {cfg.XBM.START_ITERATION} with weight {cfg.XBM.WEIGHT}; "
             f"filled from {cfg.XBM.FILL_FROM}")
+        corrections = [f"momentum key encoder {cfg.XBM.KEY_MOMENTUM}" if cfg.XBM.KEY_MOMENTUM > 0 else "",
+                       f"{cfg.XBM.REFRESH_PER_STEP} entries refreshed per step" if cfg.XBM.REFRESH_PER_STEP > 0 else "",
+                       f"pairs weighted by age, scale {cfg.XBM.AGE_WEIGHT_SCALE} iterations"
+                       if cfg.XBM.AGE_WEIGHT_SCALE > 0 else ""]
+        if any(corrections):
+            log("encoder-side drift corrections: " + "; ".join(c for c in corrections if c))
     else:
         log("cross-batch memory off (in-batch loss only)" +
             ("; DRIFT.MEMORY_PROBE has no memory to probe" if cfg.DRIFT.MEMORY_PROBE else ""))

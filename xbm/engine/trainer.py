@@ -13,6 +13,7 @@ One step (xbm/objective.py has the papers' part of it):
          LOSS.INBATCH_WEIGHT * loss(e, labels)
          [adapt the memory to the batch's moments (XBN / AXBN)], enqueue e.detach()
          + XBM.WEIGHT * loss(e, labels, memory)
+         [with a momentum key encoder, its embeddings of the images are what is enqueued]
   one host synchronisation: is everything finite? no -> the step is taken back (nonfinite.py)
   backward -> optimizer step; the learning rate schedule advances either way
 
@@ -58,6 +59,8 @@ class Trainer:
         log_period: the logging iterations (every `log_period`-th and the last), when the objective also
             computes the gradient norms of its terms if `log_grad_norms`.
         world_size: processes of the run (the objective and guard need it; 1 without torchrun).
+        key_encoder: a `xbm.memory.MomentumKeyEncoder` whose embeddings of each batch fill the memory, updated
+            from `model` after each finite step; None: the memory stores the network's own embeddings.
     """
 
     def __init__(self, model: torch.nn.Module, objective: torch.nn.Module, data_loader: Iterable | None,
@@ -66,7 +69,7 @@ class Trainer:
                  network: torch.nn.Module | None = None, guard: NonFiniteGuard | None = None,
                  amp_dtype: torch.dtype | None = None, memory_format: torch.memory_format = torch.contiguous_format,
                  head_warmup_iters: int = 0, grad_clip: float = 0.0, log_period: int = 20,
-                 log_grad_norms: bool = False, world_size: int = 1):
+                 log_grad_norms: bool = False, world_size: int = 1, key_encoder: torch.nn.Module | None = None):
         self.model, self.objective, self.data_loader = model, objective, data_loader
         self.optimizer, self.scheduler = optimizer, scheduler
         self.device = torch.device(device)
@@ -79,6 +82,7 @@ class Trainer:
         self.amp_dtype, self.memory_format = amp_dtype, memory_format
         self.head_warmup_iters, self.grad_clip = head_warmup_iters, grad_clip
         self.log_period, self.log_grad_norms = log_period, log_grad_norms
+        self.key_encoder = key_encoder
         self.iteration = 0
         self.step_outputs: dict = {}  # the last step's losses and pair counts, for the hooks
         self.stop_requested = False  # whether some rank had a stop signal at the last step's all-reduce
@@ -95,6 +99,8 @@ class Trainer:
     def train(self) -> None:
         """Train from `iteration` to `max_iters`, the hooks around every step."""
         self.network.train()
+        if self.key_encoder is not None:
+            self.key_encoder.train()  # as MoCo's: BatchNorm on the batch's statistics
         self._batches = iter(self.data_loader)
         try:
             for hook in self.hooks:
@@ -125,12 +131,18 @@ class Trainer:
         # A step without a loss has no backward, which DDP would wait for: call the bare model.
         network = self.network if has_loss else self.model
         self.guard.before_step(labels.shape[0] * self.world_size)
+        keys = None
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             embeddings = network(images)
+            if self.key_encoder is not None:
+                keys = self.key_encoder(images).float()
         # Losses and the memory work in float32 whatever the network's precision.
         total, parts = self.objective(embeddings.float(), labels, self.iteration, item_ids=item_ids,
-                                      gradient_norms=self.log_grad_norms and self.logs_after(self.iteration))
+                                      gradient_norms=self.log_grad_norms and self.logs_after(self.iteration),
+                                      **({} if keys is None else {"memory_rows": keys}))
         finite = torch.isfinite(embeddings).all()
+        if keys is not None:
+            finite = finite & torch.isfinite(keys).all()
         if total is not None:
             finite = finite & torch.isfinite(total)
         # The step's one host synchronisation (under DDP its one all-reduce, so that every rank skips alike;
@@ -144,6 +156,8 @@ class Trainer:
         if total is not None:
             self._optimize(total)
             parts["loss/total"] = total.detach()
+        if self.key_encoder is not None:
+            self.key_encoder.update(self.model)
         self._advance_schedule()
         return parts
 

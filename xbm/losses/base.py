@@ -30,6 +30,7 @@ first converts the mask to int64).
 from __future__ import annotations
 
 import abc
+import functools
 import math
 from typing import Callable, NamedTuple
 
@@ -342,12 +343,18 @@ class PairLoss(nn.Module, metaclass=abc.ABCMeta):
       i's own stored copy (or -1): exactly that pair is excluded; other
       same-label items stay positives. The stored copy must carry the anchor's
       label. Without ``ref_self_index`` nothing is excluded.
+    - ``ref_weights`` (M,), for a loss whose ``supports_ref_weights`` is True: reference
+      row j counts as ``ref_weights[j]`` copies of itself (its pairs' terms are weighted by
+      it); XBM.AGE_WEIGHT_SCALE weights the memory's entries by their age so.
     - ``self.last_stats`` holds ``{"pos_pairs", "neg_pairs"}``: 0-dim long tensors
       counting the active pairs of the last call (no host synchronisation).
     - One call synchronises with the device for the input checks (skipped with
       ``check_values=False``) and in the same-label pair lookup, whose output size
       depends on the labels (``nonzero``); backward is first-order only.
     """
+
+    # Whether similarity_loss takes ``ref_weights`` (one weight per reference column).
+    supports_ref_weights = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -357,15 +364,21 @@ class PairLoss(nn.Module, metaclass=abc.ABCMeta):
     def similarity_loss(self, sim: Tensor, pairs: SameLabelPairs) -> SimilarityLossOutput:
         """Loss, dL/dS and active-pair counts from the B x M cosine similarities
         ``sim`` (owned by the kernel: it may overwrite them) and the same-label
-        pairs; every other entry of ``sim`` is a negative pair."""
+        pairs; every other entry of ``sim`` is a negative pair. A loss with
+        ``supports_ref_weights`` also takes ``ref_weights`` (M,) or None."""
 
     def forward(self, embeddings: Tensor, labels: Tensor, ref_embeddings: Tensor | None = None,
                 ref_labels: Tensor | None = None, *,
-                ref_self_index: Tensor | None = None, check_values: bool = True) -> Tensor:
+                ref_self_index: Tensor | None = None, ref_weights: Tensor | None = None,
+                check_values: bool = True) -> Tensor:
         """``check_values=False`` skips the data-dependent checks and their host synchronisation,
         for a caller that vouches for its inputs (the trainer: finite embeddings, a memory and
         ``ref_self_index`` it wrote itself); the loss value is then identical, bit for bit."""
         validate_pair_inputs(embeddings, labels, ref_embeddings, ref_labels, ref_self_index)
+        kernel = self.similarity_loss
+        if ref_weights is not None:
+            kernel = functools.partial(kernel, ref_weights=self._checked_weights(ref_weights, ref_embeddings,
+                                                                                embeddings))
         device = embeddings.device
         labels = labels.to(device)
         ref_norms = None
@@ -397,9 +410,23 @@ class PairLoss(nn.Module, metaclass=abc.ABCMeta):
             else:
                 refs, ref_inv_norm = ref_embeddings, ref_norms.clamp_min(NORM_EPS).reciprocal()
         value, pos_pairs, neg_pairs = _CosinePairLossFunction.apply(
-            anchors, refs, ref_inv_norm, self.similarity_loss, pairs)
+            anchors, refs, ref_inv_norm, kernel, pairs)
         self.last_stats = {"pos_pairs": pos_pairs, "neg_pairs": neg_pairs}
         return value
+
+    def _checked_weights(self, ref_weights: Tensor, ref_embeddings: Tensor | None, embeddings: Tensor) -> Tensor:
+        """The weights in the similarity matrix's dtype (the anchors', float32 for half precision)."""
+        if not self.supports_ref_weights:
+            raise ValueError(f"{type(self).__name__} does not weight reference rows (ref_weights); "
+                             "the contrastive and supcon losses do")
+        if ref_embeddings is None:
+            raise ValueError("ref_weights weights reference rows: it needs ref_embeddings")
+        if not isinstance(ref_weights, Tensor) or ref_weights.shape != (ref_embeddings.shape[0],):
+            got = tuple(ref_weights.shape) if isinstance(ref_weights, Tensor) else type(ref_weights).__name__
+            raise ValueError(f"ref_weights must have one weight per reference row ({ref_embeddings.shape[0]},), "
+                             f"got {got}")
+        dtype = torch.float32 if embeddings.dtype in (torch.float16, torch.bfloat16) else embeddings.dtype
+        return ref_weights.to(embeddings.device, dtype)
 
 
 def _unit_or_inverse_norms(ref_norms: Tensor) -> Tensor:

@@ -36,8 +36,14 @@ class SupConLoss(PairLoss):
     point; unlike it, a batch in which no negative is mined still gets the loss
     of its positives rather than 0.
 
+    ref_weights (w_k per reference row): reference k counts as w_k copies of itself,
+    loss_i = -sum_p (w_p / W_i) log(exp(S_ip/T) / sum_k w_k exp(S_ik/T)) with
+    W_i = sum_{p in P_i} w_p (all weights 1: the loss above).
+
     last_stats: the mined positive / negative pairs of the contributing anchors.
     """
+
+    supports_ref_weights = True
 
     def __init__(self, temperature: float = 0.1, pos_margin: float = 0.2,
                  neg_margin: float = 0.8, mining: bool = True) -> None:
@@ -51,7 +57,8 @@ class SupConLoss(PairLoss):
         return (f"temperature={self.temperature}, pos_margin={self.pos_margin}, "
                 f"neg_margin={self.neg_margin}, mining={self.mining}")
 
-    def similarity_loss(self, sim: Tensor, pairs: SameLabelPairs) -> SimilarityLossOutput:
+    def similarity_loss(self, sim: Tensor, pairs: SameLabelPairs,
+                        ref_weights: Tensor | None = None) -> SimilarityLossOutput:
         batch, rows = sim.shape[0], pairs.rows
         same_sim = take_same_label(sim, pairs, fill=-math.inf)  # sim: negatives only
         # d > m  <=>  2 - 2 S > m^2  <=>  S < 1 - m^2 / 2
@@ -80,10 +87,19 @@ class SupConLoss(PairLoss):
         # exp((S - row_max) / T) on mined negatives, else 0; overwrites sim
         exp_neg, neg_pairs = exp_above_(sim, neg_floor, inv_t, offset)
         exp_pos = torch.where(mined_pos, (same_sim - row_max[rows]) * inv_t, -math.inf).exp()
+        pos_sim = torch.where(mined_pos, same_sim, 0.0)
+        if ref_weights is not None:  # w_k copies of reference k: every term over k times w_k
+            exp_neg.mul_(ref_weights)
+            pos_weight = pos_weight * ref_weights[pairs.cols]
+            exp_pos, pos_sim = exp_pos * ref_weights[pairs.cols], pos_sim * ref_weights[pairs.cols]
+            weight_pos = rows_sum(pos_weight, rows, batch)
         partition = exp_neg.sum(dim=1) + rows_sum(exp_pos, rows, batch)
-        pos_sim_sum = rows_sum(torch.where(mined_pos, same_sim, 0.0), rows, batch)
+        pos_sim_sum = rows_sum(pos_sim, rows, batch)
 
-        inv_n_pos = torch.where(contributes, n_pos.clamp_min(1).reciprocal(), 0.0)
+        if ref_weights is None:
+            inv_n_pos = torch.where(contributes, n_pos.clamp_min(1).reciprocal(), 0.0)
+        else:  # 1 / W_i (positives whose weights underflowed to 0 add nothing)
+            inv_n_pos = torch.where(contributes & (weight_pos > 0), weight_pos, math.inf).reciprocal()
         log_partition = torch.where(contributes, partition.log(), 0.0)
         # loss_i = log sum_k exp(S_ik / T) - mean_p S_ip / T
         per_anchor = log_partition + inv_t * (row_max - pos_sim_sum * inv_n_pos)
@@ -93,7 +109,11 @@ class SupConLoss(PairLoss):
         # d loss_i / d S_ik = (softmax_ik - [k in P_i] / |P_i|) / T
         inv_partition = torch.where(contributes, partition.reciprocal(), 0.0)
         grad_sim = exp_neg.mul_(inv_partition[:, None])
-        grad_sim[rows, pairs.cols] = pos_weight * (exp_pos * inv_partition[rows] - inv_n_pos[rows])
+        if ref_weights is None:
+            grad_sim[rows, pairs.cols] = pos_weight * (exp_pos * inv_partition[rows] - inv_n_pos[rows])
+        else:  # exp_pos already carries w_p: d loss_i / d S_ip = (w_p exp_ip / Z_i - w_p / W_i) / T
+            grad_sim[rows, pairs.cols] = torch.where(mined_pos, exp_pos * inv_partition[rows]
+                                                     - pos_weight * inv_n_pos[rows], 0.0)
 
         pos_pairs = torch.where(contributes, n_pos, 0.0).sum().long()
         return SimilarityLossOutput(value, grad_sim, scale * inv_t, pos_pairs, neg_pairs)

@@ -170,6 +170,16 @@ class CrossBatchMemory(nn.Module):
         self._filled = min(self.size, self._filled + batch)
         return indices
 
+    @torch.no_grad()
+    def rewrite_(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
+        """Replace the entries of valid `slots` by `rows` (their items re-embedded: a refresh, refresh.py);
+        with item tracking, the rows also become the entries' as-enqueued copies."""
+        if rows.shape != (len(slots), self.dim):
+            raise ValueError(f"rows of shape {tuple(rows.shape)} for {len(slots)} slots of width {self.dim}")
+        self.feats[slots] = rows.to(self.feats.device, self.feats.dtype)
+        if self.items is not None:
+            self.items.enqueued_feats[slots] = rows.to(self.feats.device, self.items.enqueued_feats.dtype)
+
     # ---------------------------------------------------------------- undo
     def undo_point(self, batch_size: int, adapting: bool) -> UndoPoint:
         """What the next `adapt_` (if `adapting`) and `enqueue` of `batch_size` rows change, so that a

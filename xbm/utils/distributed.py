@@ -200,6 +200,18 @@ def broadcast_object(obj, src: int = 0):
     return _from_bytes(box[0])
 
 
+def broadcast_rows(rows: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                   src: int = 0) -> torch.Tensor:
+    """Rank `src`'s tensor `rows` (of `shape` and `dtype`; None on the other ranks) on every rank, on
+    `device` (a CUDA device under NCCL)."""
+    if not is_distributed():
+        return rows.to(device, dtype)
+    buffer = rows.to(device, dtype).contiguous() if dist.get_rank() == src else torch.empty(shape, dtype=dtype,
+                                                                                           device=device)
+    dist.broadcast(buffer, src=src)
+    return buffer
+
+
 def all_gather_object(obj) -> list:
     """[rank 0's obj, rank 1's obj, ...] on every rank (the types broadcast_object takes)."""
     if not is_distributed():
