@@ -73,3 +73,16 @@ def test_bench_undo_quick_times_the_three_undo_versions():
     times, ratios = cells[:3], cells[3:]  # xbn step, + undo, + full copy; then the last two over the first
     assert len(ratios) == 2 and all(t > 0 for t in times)
     assert ratios == pytest.approx([t / times[0] for t in times[1:]], rel=0.1, abs=0.02)
+
+
+def test_bench_drift_corrections_quick_counts_each_corrections_extra_images(glyph_root):
+    out = run_benchmark("bench_drift_corrections.py", "--quick", "--threads", "1", "--root", str(glyph_root),
+                        "--min-fonts", "4")
+    rows = dict((name.strip(), cells) for name, *cells in
+                (line.strip("|").split("|") for line in out.splitlines() if line.startswith("| ")))
+    images = {name: (float(cells[2]), float(cells[3])) for name, cells in rows.items() if name != "variant"}
+    # batch 16: 16 images with gradient per step; the key encoder forwards the batch again without gradient,
+    # a refresh its R stored items, age weighting nothing
+    assert images == {"xbn": (16, 0), "+ key encoder": (16, 16), "+ refresh 16": (16, 16), "+ refresh 64": (16, 64),
+                      "+ age weighting": (16, 0)}
+    assert float(rows["xbn"][1]) == 1.0
