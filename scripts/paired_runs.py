@@ -129,7 +129,9 @@ def draw(differences: list, path: str, title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # no abbreviations: the order of --reference and --run is read back from the literal options
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--iteration", type=int, required=True, help="the evaluation compared (SOLVER.MAX_ITERS)")
     parser.add_argument("--reference", nargs=2, action="append", default=[], metavar=("LABEL", "RUN_GLOB"),
                         help="the reference of the --run options after it (listed as a row itself)")

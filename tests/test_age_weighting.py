@@ -53,10 +53,12 @@ def _weighted_supcon_loop(anchors, labels, ref, ref_labels, w, self_index, t, po
         neg = [j for j in range(sim.shape[1]) if labels[i] != ref_labels[j] and sim[i, j] > 1 - neg_margin ** 2 / 2]
         if not (len(pos) >= 2 or (len(pos) >= 1 and len(neg) >= 1)):
             continue
-        log_z = torch.logsumexp(torch.stack([sim[i, k] / t + torch.log(w[k]) for k in pos + neg]), 0)
         big_w = sum(w[p] for p in pos)
-        losses.append(sum(w[p] / big_w * (log_z - sim[i, p] / t) for p in pos))
-    return torch.stack(losses).mean()
+        if big_w == 0:  # its positives weigh nothing: no loss
+            continue
+        log_z = torch.logsumexp(torch.stack([sim[i, k] / t + torch.log(w[k]) for k in pos + neg]), 0)
+        losses.append(sum(w[p] / big_w * (log_z - sim[i, p] / t) for p in pos if w[p] > 0))
+    return torch.stack(losses).mean() if losses else anchors.sum() * 0
 
 
 @pytest.mark.parametrize("reduction", ["batch", "pairs"])
@@ -72,13 +74,17 @@ def test_weighted_contrastive_loss_and_gradient_match_a_plain_loop(seed, reducti
     torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("neg_margin", [1.3, 0.9])  # a wide miner (most pairs count) and the default one
+@pytest.mark.parametrize("zeros", [False, True])  # some references weigh exactly 0
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_weighted_supcon_loss_and_gradient_match_a_plain_loop(seed):
+def test_weighted_supcon_loss_and_gradient_match_a_plain_loop(seed, zeros, neg_margin):
     anchors, labels, ref, ref_labels, w, self_index = _data(seed)
-    loss = SupConLoss(temperature=0.1, pos_margin=0.2, neg_margin=1.3)  # a wide miner: most pairs count
+    if zeros:
+        w[::2] = 0.0
+    loss = SupConLoss(temperature=0.1, pos_margin=0.2, neg_margin=neg_margin)
     value = loss(anchors, labels, ref, ref_labels, ref_self_index=self_index, ref_weights=w)
     grad, = torch.autograd.grad(value, anchors)
-    expected = _weighted_supcon_loop(anchors, labels, ref, ref_labels, w, self_index, 0.1, 0.2, 1.3)
+    expected = _weighted_supcon_loop(anchors, labels, ref, ref_labels, w, self_index, 0.1, 0.2, neg_margin)
     expected_grad, = torch.autograd.grad(expected, anchors)
     torch.testing.assert_close(value, expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-12)
@@ -88,9 +94,22 @@ def test_weighted_supcon_loss_and_gradient_match_a_plain_loop(seed):
 def test_unit_weights_give_the_unweighted_loss(loss):
     anchors, labels, ref, ref_labels, _, self_index = _data(3)
     plain = loss(anchors, labels, ref, ref_labels, ref_self_index=self_index)
+    plain_grad, = torch.autograd.grad(plain, anchors)
     weighted = loss(anchors, labels, ref, ref_labels, ref_self_index=self_index,
                     ref_weights=torch.ones(len(ref), dtype=torch.float64))
+    weighted_grad, = torch.autograd.grad(weighted, anchors)
     torch.testing.assert_close(weighted, plain, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(weighted_grad, plain_grad, rtol=1e-13, atol=1e-14)
+
+
+@pytest.mark.parametrize("loss", [ContrastiveLoss(margin=0.1, reduction="pairs"), SupConLoss(neg_margin=1.3)])
+def test_weights_that_underflow_give_a_finite_loss_and_gradient(loss):
+    anchors, labels, ref, ref_labels, _, self_index = _data(4)
+    anchors32 = anchors.detach().float().requires_grad_()
+    tiny = torch.full((len(ref),), 1e-44)  # subnormal in float32: 1 / w overflows
+    value = loss(anchors32, labels, ref.float(), ref_labels, ref_self_index=self_index, ref_weights=tiny)
+    grad, = torch.autograd.grad(value, anchors32)
+    assert torch.isfinite(value) and torch.isfinite(grad).all()
 
 
 def test_a_loss_without_weights_refuses_them_by_name():
@@ -117,6 +136,11 @@ def test_age_weights_decay_with_the_age_in_iterations_and_average_one():
     assert AgeWeighting(2.0).weights(half, 3).shape == (6,)
     with pytest.raises(ValueError, match="scale must be > 0"):
         AgeWeighting(0.0)
+    old = CrossBatchMemory(4000, 2)
+    for _ in range(1000):  # ages 0 .. 999 iterations at a scale of 1: exp(-999) underflows, the floor does not
+        old.enqueue(torch.randn(4, 2), torch.arange(4))
+    floored = AgeWeighting(1.0).weights(old, 4)
+    assert float(floored.min()) > 0 and float(floored.min() / floored.max()) == pytest.approx(1e-6, rel=1e-3)
 
 
 def test_the_objective_weights_the_memory_term_only():
@@ -131,10 +155,11 @@ def test_the_objective_weights_the_memory_term_only():
         _, parts_w = weighted(emb, labels, step)
         _, parts_p = plain(emb, labels, step)
         assert parts_w["loss/inbatch"] == parts_p["loss/inbatch"]
-    # the last memory term by hand: the stored rows with their age weights
+    # the last memory term by hand: 24 stored rows of 3 steps, ages 2, 1, 0 iterations, weighed so
     feats, mem_labels = memory_a.get()
     slots = torch.arange(16, 24)
+    raw = torch.exp(-torch.tensor([2.0] * 8 + [1.0] * 8 + [0.0] * 8) / 1.5)
     expected = SupConLoss(neg_margin=1.3)(emb, labels, feats, mem_labels, ref_self_index=slots,
-                                          ref_weights=weighting.weights(memory_a, 8))
+                                          ref_weights=raw / raw.mean())
     torch.testing.assert_close(parts_w["loss/memory"], expected.detach())
     assert not torch.isclose(parts_w["loss/memory"], parts_p["loss/memory"])

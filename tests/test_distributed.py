@@ -104,11 +104,14 @@ CASES = {
     # A timm ViT (LayerNorm: images one by one, so no frozen statistics are needed) with XBN
     "vit_xbn": ("tests/fixtures/tiny_vit_xbn.yaml", [],
                 [["loss/inbatch", "loss/total"]] + [["loss/inbatch", "loss/memory", "loss/total"]] * 2),
-    # XBN with the three encoder-side corrections: the key encoder's rows gathered into the memory, its
-    # moving average the same on both ranks, rank 0's refresh broadcast, age-weighted memory pairs (of the
+    # XBN with the encoder-side corrections: the key encoder's rows gathered into the memory, its moving
+    # average the same on both ranks, rank 0's refresh broadcast; then age-weighted memory pairs (of the
     # averaged contrastive loss: supervised contrastive mines no pair of this untrained net's embeddings)
     "encoder_side": ("tests/fixtures/glyphs_encoder_side.yaml",
                      ["DATA.VAL_FRACTION", "0.25", "LOSS.NAME", "contrastive", "LOSS.CONTRASTIVE.REDUCTION", "pairs"],
+                     [["loss/inbatch", "loss/total"]] + [["loss/inbatch", "loss/memory", "loss/total"]] * 2),
+    "age_weighted": ("tests/fixtures/glyphs_age_weighted.yaml",
+                     ["LOSS.NAME", "contrastive", "LOSS.CONTRASTIVE.REDUCTION", "pairs"],
                      [["loss/inbatch", "loss/total"]] + [["loss/inbatch", "loss/memory", "loss/total"]] * 2),
 }
 

@@ -68,16 +68,28 @@ def test_the_loop_enqueues_the_key_encoders_embeddings_as_the_steps_written_out(
         assert not torch.allclose(model(batches[-1][0]), keys(batches[-1][0]), atol=1e-4)
 
 
+class NormedEmbedder(TinyEmbedder):
+    """With BatchNorm: statistics that a train-mode forward moves, in the model and in its key encoder."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 32), nn.BatchNorm1d(32), nn.ReLU())
+
+
 def test_a_skipped_step_leaves_the_key_encoder_alone():
     model, objective, optimizer, scheduler, batches = _parts()
+    model = NormedEmbedder()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     keys = MomentumKeyEncoder(model, 0.5)
     images, labels = batches[0]
     trainer = Trainer(model, objective, batches, optimizer, scheduler, max_iters=STEPS, key_encoder=keys)
+    trainer.train_step(images, labels)  # one good step: buffers and weights move
     before = {k: v.clone() for k, v in keys.state_dict().items()}
     trainer.train_step(torch.full_like(images, float("nan")), labels)
     assert trainer.guard.skipped_steps == 1
-    for name, value in keys.state_dict().items():
+    for name, value in keys.state_dict().items():  # the BatchNorm statistics its forward saw are undone too
         assert torch.equal(value, before[name]), name
+    assert keys.state_dict()["encoder.backbone.2.num_batches_tracked"] == 1
 
 
 def _cfg(glyph_root, tmp_path, *extra):
@@ -113,6 +125,13 @@ def test_bad_values_of_the_correction_keys_are_refused_by_name(glyph_root, tmp_p
         DefaultTrainer(_cfg(glyph_root, tmp_path, key, value))
 
 
-def test_age_weighting_refuses_a_loss_that_cannot_weight_pairs(glyph_root, tmp_path):
+def test_age_weighting_refuses_a_loss_that_cannot_weight_pairs_and_a_refresh(glyph_root, tmp_path):
     with pytest.raises(ValueError, match="LOSS.NAME multi_similarity does not support"):
         DefaultTrainer(_cfg(glyph_root, tmp_path, "XBM.AGE_WEIGHT_SCALE", "10.0", "LOSS.NAME", "multi_similarity"))
+    with pytest.raises(ValueError, match="which a refresh .XBM.REFRESH_PER_STEP. does not reset"):
+        DefaultTrainer(_cfg(glyph_root, tmp_path, "XBM.AGE_WEIGHT_SCALE", "10.0", "XBM.REFRESH_PER_STEP", "4"))
+
+
+def test_a_refresh_larger_than_a_memory_of_the_whole_training_set_is_refused(glyph_root, tmp_path):
+    with pytest.raises(ValueError, match=r"XBM.REFRESH_PER_STEP \(1000\) is more than the memory holds"):
+        DefaultTrainer(_cfg(glyph_root, tmp_path, "XBM.SIZE", "-1", "XBM.REFRESH_PER_STEP", "1000"))

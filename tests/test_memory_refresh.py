@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from xbm.config import load_cfg
-from xbm.diagnostics.memory_drift import embed_training_items
+from xbm.data.datasets import build_dataset
+from xbm.data.transforms import build_transforms
 from xbm.engine.defaults import DefaultTrainer
 from xbm.engine.hooks import RefreshMemory
 from xbm.memory import CrossBatchMemory
@@ -87,10 +88,14 @@ def test_the_hook_re_embeds_stored_items_with_the_current_model_in_eval_mode(gly
     cursor = hook.refresh.cursor
     hook.after_step()
     slots = [(cursor - k) % 40 for k in range(6)]
-    # the reference: the test-time view of the training set (the validation classes removed), item by item
-    from xbm.engine.setup import training_eval_view
-    view = training_eval_view(trainer.cfg, trainer.train_set)
-    expected = embed_training_items(trainer.model, view, memory.items.item_ids[slots], batch_size=1)
+    # the reference: each item's image through the test-time transform (its index in the whole training
+    # split: the validation split removed classes), one by one through the model in eval mode
+    split = build_dataset(trainer.cfg, "train", build_transforms(trainer.cfg, train=False))
+    trainer.model.eval()
+    with torch.no_grad():
+        expected = torch.cat([trainer.model(split[trainer.train_set.indices[int(i)]][0][None])
+                              for i in memory.items.item_ids[slots]])
+    trainer.model.train()
     torch.testing.assert_close(memory.feats[slots], expected, rtol=0, atol=1e-6)
     assert trainer.model.training  # the mode is given back
     untouched = [s for s in range(40) if s not in slots]

@@ -95,9 +95,10 @@ def _check_drift_corrections(cfg: CfgNode) -> None:
         raise ValueError(f"XBM.KEY_MOMENTUM must be in [0, 1) (0 = off; e.g. 0.99), got {cfg.XBM.KEY_MOMENTUM}")
     if cfg.XBM.REFRESH_PER_STEP < 0:
         raise ValueError(f"XBM.REFRESH_PER_STEP must be >= 0 (0 = off), got {cfg.XBM.REFRESH_PER_STEP}")
-    if cfg.XBM.SIZE > 0 and cfg.XBM.REFRESH_PER_STEP > cfg.XBM.SIZE:
-        raise ValueError(f"XBM.REFRESH_PER_STEP ({cfg.XBM.REFRESH_PER_STEP}) is more than the memory holds "
-                         f"(XBM.SIZE {cfg.XBM.SIZE})")
+    check_refresh_fits(cfg)
+    if cfg.XBM.REFRESH_PER_STEP > 0 and cfg.XBM.AGE_WEIGHT_SCALE > 0:
+        raise ValueError("XBM.AGE_WEIGHT_SCALE counts an entry's age from its enqueue, which a refresh "
+                         "(XBM.REFRESH_PER_STEP) does not reset: set one of the two to 0")
     if cfg.XBM.AGE_WEIGHT_SCALE < 0:
         raise ValueError(f"XBM.AGE_WEIGHT_SCALE must be >= 0 (0 = off; an age in iterations), got "
                          f"{cfg.XBM.AGE_WEIGHT_SCALE}")
@@ -108,6 +109,13 @@ def _check_drift_corrections(cfg: CfgNode) -> None:
         if not getattr(loss, "supports_ref_weights", False):
             raise ValueError(f"XBM.AGE_WEIGHT_SCALE weights the memory's pairs, which LOSS.NAME {cfg.LOSS.NAME} does "
                              "not support: use contrastive or supcon, or set XBM.AGE_WEIGHT_SCALE 0")
+
+
+def check_refresh_fits(cfg: CfgNode) -> None:
+    """XBM.REFRESH_PER_STEP at most XBM.SIZE (again once XBM.SIZE -1 is resolved to the training set's size)."""
+    if cfg.XBM.SIZE > 0 and cfg.XBM.REFRESH_PER_STEP > cfg.XBM.SIZE:
+        raise ValueError(f"XBM.REFRESH_PER_STEP ({cfg.XBM.REFRESH_PER_STEP}) is more than the memory holds "
+                         f"(XBM.SIZE {cfg.XBM.SIZE})")
 
 
 def _check_memory_probe(cfg: CfgNode) -> None:

@@ -148,7 +148,8 @@ _C.XBM.DTYPE = "float32"
 # ret_benchmark/engine/trainer.py:105-106@223ecdc)
 _C.XBM.FILL_FROM = "iteration_0"
 # Corrections of the memory's drift at the encoder (BENCHMARKS, "Encoder-side drift"), each off at 0;
-# each combines with XBM.ADAPT and with the others.
+# each combines with XBM.ADAPT and with the others, except age weighting with a refresh (an entry's age
+# counts from its enqueue, which a refresh does not reset).
 # A momentum key encoder (MoCo, He et al. 2020; xbm/memory/key_encoder.py): the memory is filled from an
 # exponential moving average of the model (key = m key + (1 - m) model after each step), the loss's anchors
 # come from the model itself. One more forward of the batch per step, no gradient. 0: off; e.g. 0.99, 0.999

@@ -14,6 +14,7 @@ import torch
 import yaml  # yacs depends on PyYAML
 
 from ..config import check_cfg
+from ..config.checks import check_refresh_fits
 from ..config.rules import check_global_batch, config_differences, resolve_memory_size
 from ..memory.key_encoder import MomentumKeyEncoder
 from ..memory.refresh import MemoryRefresh
@@ -55,6 +56,7 @@ class DefaultTrainer(Trainer):
         configure_backends(cfg)
         self.train_set, val_tasks = build_training_data(cfg)
         self.cfg = cfg = resolve_memory_size(cfg, len(self.train_set), world_size)
+        check_refresh_fits(cfg)  # XBM.SIZE -1 is known now
         self.evaluator = build_evaluator(cfg, device, val_tasks) if self.is_main else None
         image_format = memory_format(cfg)
         model = build_model(cfg).to(device, memory_format=image_format)

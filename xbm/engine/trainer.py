@@ -150,6 +150,8 @@ class Trainer:
         all_finite, self.stop_requested = agree_on_step(finite, StopSignals.requested() is not None)
         if not all_finite:
             self.guard.skip(self.iteration)
+            if self.key_encoder is not None:
+                self.key_encoder.copy_buffers(self.model)  # its forward moved its BatchNorm statistics too
             self._advance_schedule()
             return parts
         self.guard.step_was_finite()

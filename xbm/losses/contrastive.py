@@ -28,7 +28,7 @@ class ContrastiveLoss(PairLoss):
       with S < 1 - 1e-5 plus negatives with S > margin); 0 when there are none.
       This keeps a 55,000-item memory term on the scale of the in-batch term.
 
-    ref_weights (w_j per reference row): each pair's term times w_j; "pairs" then
+    ref_weights (w_j >= 0 per reference row): each pair's term times w_j; "pairs" then
     divides by the summed weight of the active pairs (a weighted mean).
 
     last_stats: pos_pairs / neg_pairs = those active positive / negative pairs.
@@ -68,7 +68,9 @@ class ContrastiveLoss(PairLoss):
         elif ref_weights is None:
             scale = (pos_pairs + neg_pairs).clamp_min(1).to(sim.dtype).reciprocal()
         else:
-            scale = torch.where(active_weight > 0, active_weight, 1.0).reciprocal()
+            # a summed weight too small to invert (or 0: nothing active) divides by 1 instead
+            tiny = torch.finfo(sim.dtype).tiny
+            scale = torch.where(active_weight > tiny, active_weight, 1.0).reciprocal()
         return SimilarityLossOutput(total * scale, grad_sim, scale, pos_pairs, neg_pairs)
 
 

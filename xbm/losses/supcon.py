@@ -38,7 +38,8 @@ class SupConLoss(PairLoss):
 
     ref_weights (w_k per reference row): reference k counts as w_k copies of itself,
     loss_i = -sum_p (w_p / W_i) log(exp(S_ip/T) / sum_k w_k exp(S_ik/T)) with
-    W_i = sum_{p in P_i} w_p (all weights 1: the loss above).
+    W_i = sum_{p in P_i} w_p (all weights 1: the loss above); an anchor with W_i = 0 (or a
+    denominator that underflows to 0) does not contribute. Weights must be >= 0.
 
     last_stats: the mined positive / negative pairs of the contributing anchors.
     """
@@ -95,11 +96,17 @@ class SupConLoss(PairLoss):
             weight_pos = rows_sum(pos_weight, rows, batch)
         partition = exp_neg.sum(dim=1) + rows_sum(exp_pos, rows, batch)
         pos_sim_sum = rows_sum(pos_sim, rows, batch)
+        if ref_weights is not None:
+            # An anchor whose positives weigh (next to) nothing, or whose denominator underflowed, has no
+            # loss: 1 / W_i and 1 / Z_i would overflow.
+            tiny = torch.finfo(sim.dtype).tiny
+            contributes = contributes & (weight_pos > tiny) & (partition > tiny)
+            n_anchors = contributes.sum()
 
         if ref_weights is None:
             inv_n_pos = torch.where(contributes, n_pos.clamp_min(1).reciprocal(), 0.0)
-        else:  # 1 / W_i (positives whose weights underflowed to 0 add nothing)
-            inv_n_pos = torch.where(contributes & (weight_pos > 0), weight_pos, math.inf).reciprocal()
+        else:  # 1 / W_i
+            inv_n_pos = torch.where(contributes, weight_pos, math.inf).reciprocal()
         log_partition = torch.where(contributes, partition.log(), 0.0)
         # loss_i = log sum_k exp(S_ik / T) - mean_p S_ip / T
         per_anchor = log_partition + inv_t * (row_max - pos_sim_sum * inv_n_pos)

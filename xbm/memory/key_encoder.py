@@ -42,6 +42,13 @@ class MomentumKeyEncoder(nn.Module):
         keys = dict(self.encoder.named_parameters())
         for name, param in model.named_parameters():
             keys[name].lerp_(param.detach(), 1.0 - self.momentum)
+        self.copy_buffers(model)
+
+    @torch.no_grad()
+    def copy_buffers(self, model: nn.Module) -> None:
+        """The model's buffers into the copy: after each update, and after a skipped step (the key encoder's
+        train-mode forward moved its BatchNorm statistics; the guard put the model's back, which are what
+        the copy's were before the step)."""
         buffers = dict(self.encoder.named_buffers())
         for name, buffer in model.named_buffers():
             buffers[name].copy_(buffer)
