@@ -48,6 +48,8 @@ def runs_by_seed(pattern: str) -> dict[int, str]:
 
 def run_summary(folder: str, iteration: int, cosines_from: int) -> dict | None:
     """val/test R@1 at `iteration`, the probe's mean cosines, the seconds; None if not finished there."""
+    if not os.path.isfile(os.path.join(folder, "metrics.jsonl")):
+        return None  # a run still training (or never started)
     metrics = final_metrics(read_metrics(folder), iteration)
     if metrics is None or "test" not in metrics:
         return None
