@@ -30,11 +30,12 @@ def _train_command(root, out, *extra, config="configs/glyphs_axbn.yaml"):
 
 
 # The conv net with AXBN, a timm ViT (no BatchNorm; AdamW with its decay groups) with XBN, and the conv net
-# with XBN and the encoder-side corrections (key encoder and refresh; key encoder and age weighting).
+# with XBN and the encoder-side corrections (key encoder and refresh; key encoder and age weighting, heavy:
+# age weighting holds no state of its own, its weights follow the memory's pointer, which every case resumes).
 @pytest.mark.slow
 @pytest.mark.parametrize("config", ["configs/glyphs_axbn.yaml", "tests/fixtures/tiny_vit_xbn.yaml",
                                     "tests/fixtures/glyphs_encoder_side.yaml",
-                                    "tests/fixtures/glyphs_age_weighted.yaml"])
+                                    pytest.param("tests/fixtures/glyphs_age_weighted.yaml", marks=pytest.mark.heavy)])
 def test_killed_run_resumes_to_the_same_weights_memory_and_metrics(glyph_root, tmp_path, config):
     common = ("SOLVER.MAX_ITERS", "60", "SOLVER.CHECKPOINT_PERIOD", "10")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # same thread count in every process: same sums
