@@ -13,7 +13,8 @@ before any --reference is listed without a difference). One Markdown row per set
 test R@1 (mean +- sample std, %), the paired test difference (mean +- std, every seed's, and mean / std), the
 memory probe's cosines (DRIFT.MEMORY_PROBE: each run's mean over its measurements from --cosines-from on,
 then mean +- std over seeds; "-" without a probe) and the run's seconds (its log.txt's first and last time
-stamps). --figure draws the paired test differences, one line per setting, every seed a dot.
+stamps). A setting with no finished run is a row of 0 seeds (and a line on stderr); a --reference that
+matches nothing is an error. --figure draws the paired test differences, one line per setting, every seed a dot.
 """
 from __future__ import annotations
 
@@ -93,7 +94,12 @@ def table(settings: list[tuple[str, str, str | None]], iteration: int, cosines_f
     lines = [header, "|" + "---|" * header.count(" |")]
     differences = []
     for label, pattern, reference in settings:
-        runs = {s: run_summary(f, iteration, cosines_from) for s, f in runs_by_seed(pattern).items()}
+        try:
+            found = runs_by_seed(pattern)
+        except ValueError as error:  # a setting not run yet: a row of 0 seeds, said on stderr
+            print(f"paired_runs.py: {error}", file=sys.stderr)
+            found = {}
+        runs = {s: run_summary(f, iteration, cosines_from) for s, f in found.items()}
         runs = {s: r for s, r in runs.items() if r is not None}
         refs = {}
         if reference is not None:

@@ -49,6 +49,10 @@ def test_the_table_pairs_each_seed_with_the_reference_of_that_seed(tmp_path, cap
     assert (tmp_path / "fig.png").stat().st_size > 0
 
 
-def test_a_pattern_without_runs_is_one_sentence(tmp_path, capsys):
-    assert paired_runs.main(["--iteration", "1", "--run", "x", str(tmp_path / "none*")]) == 2
+def test_a_setting_without_runs_is_a_row_of_none_and_a_reference_without_runs_one_sentence(tmp_path, capsys):
+    assert paired_runs.main(["--iteration", "1", "--run", "x", str(tmp_path / "none*")]) == 0
+    out = capsys.readouterr()
+    assert "| x | 0 | - | - |" in out.out and "matches no run folder ending in seed=<s>" in out.err
+    assert paired_runs.main(["--iteration", "1", "--reference", "r", str(tmp_path / "none*"),
+                             "--run", "x", str(tmp_path / "none*")]) == 2
     assert "matches no run folder ending in seed=<s>" in capsys.readouterr().err
