@@ -87,7 +87,8 @@ def cell(values: list[float | None], scale: float = 100.0, digits: int = 1) -> s
     return f"{mean:.{digits}f}" if len(values) == 1 else f"{mean:.{digits}f} +- {std:.{digits}f}"
 
 
-def table(settings: list[tuple[str, str, str | None]], iteration: int, cosines_from: int) -> tuple[str, list]:
+def table(settings: list[tuple[str, str, str | None]], iteration: int, cosines_from: int,
+          reference_iteration: int | None = None) -> tuple[str, list]:
     """The Markdown table and, per setting with a reference, (label, per-seed test differences in points)."""
     header = ("| setting | seeds | val R@1 | test R@1 | test minus reference (paired) | per seed | mean / std | "
               "cos stored | cos last embedded | cos newest | seconds |")
@@ -99,11 +100,13 @@ def table(settings: list[tuple[str, str, str | None]], iteration: int, cosines_f
         except ValueError as error:  # a setting not run yet: a row of 0 seeds, said on stderr
             print(f"paired_runs.py: {error}", file=sys.stderr)
             found = {}
-        runs = {s: run_summary(f, iteration, cosines_from) for s, f in found.items()}
+        own_iteration = reference_iteration if reference is None and reference_iteration else iteration
+        runs = {s: run_summary(f, own_iteration, cosines_from) for s, f in found.items()}
         runs = {s: r for s, r in runs.items() if r is not None}
         refs = {}
         if reference is not None:
-            refs = {s: run_summary(f, iteration, cosines_from) for s, f in runs_by_seed(reference).items()}
+            refs = {s: run_summary(f, reference_iteration or iteration, cosines_from)
+                    for s, f in runs_by_seed(reference).items()}
         paired = [100 * (runs[s]["test"] - refs[s]["test"]) for s in sorted(runs) if refs.get(s)]
         if reference is None or not paired:
             diff_cells = ["-", "-", "-"]
@@ -144,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference", nargs=2, action="append", default=[], metavar=("LABEL", "RUN_GLOB"),
                         help="the reference of the --run options after it (listed as a row itself)")
     parser.add_argument("--run", nargs=2, action="append", default=[], metavar=("LABEL", "RUN_GLOB"))
+    parser.add_argument("--reference-iteration", type=int,
+                        help="the references' evaluation compared, when they trained longer (equal wall-clock)")
     parser.add_argument("--cosines-from", type=int, default=600, help="first probe iteration averaged")
     parser.add_argument("--figure", help="PNG of the paired differences")
     parser.add_argument("--figure-title", default="")
@@ -160,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             label, pattern = next(runs)
             settings.append((label, pattern, reference))
     try:
-        text, differences = table(settings, args.iteration, args.cosines_from)
+        text, differences = table(settings, args.iteration, args.cosines_from, args.reference_iteration)
     except (ValueError, FileNotFoundError) as error:
         print(f"paired_runs.py: {error}", file=sys.stderr)
         return 2

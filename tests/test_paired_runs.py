@@ -56,3 +56,19 @@ def test_a_setting_without_runs_is_a_row_of_none_and_a_reference_without_runs_on
     assert paired_runs.main(["--iteration", "1", "--reference", "r", str(tmp_path / "none*"),
                              "--run", "x", str(tmp_path / "none*")]) == 2
     assert "matches no run folder ending in seed=<s>" in capsys.readouterr().err
+
+
+def test_references_trained_longer_are_read_at_their_own_iteration(tmp_path, capsys):
+    for seed in range(2):
+        _run(tmp_path / "ref" / f"seed={seed}", 0.9, 0.70, [0.1] * 4, 60)
+        _run(tmp_path / "new" / f"seed={seed}", 0.9, 0.75 + seed / 100, [0.1] * 4, 60)
+    with open(tmp_path / "ref" / "seed=0" / "metrics.jsonl", "a") as f:  # seed 0's reference also at 300
+        f.write(json.dumps({"iteration": 300, "split": "test", "R@1": 0.74}) + "\n")
+    with open(tmp_path / "ref" / "seed=1" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"iteration": 300, "split": "test", "R@1": 0.77}) + "\n")
+    assert paired_runs.main(["--iteration", "200", "--reference-iteration", "300",
+                             "--reference", "ref", str(tmp_path / "ref" / "*"),
+                             "--run", "new", str(tmp_path / "new" / "*")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [c.strip() for c in lines[2].strip("|").split("|")][3] == "75.5 +- 2.1"  # 74 and 77
+    assert [c.strip() for c in lines[3].strip("|").split("|")][5] == "+1.00 / -1.00"  # 75 - 74, 76 - 77
