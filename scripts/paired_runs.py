@@ -125,7 +125,8 @@ def table(settings: list[tuple[str, str, str | None]], iteration: int, cosines_f
 
 
 def draw(differences: list, path: str, title: str) -> None:
-    figure = new_figure(6.4, 0.45 * len(differences) + 1.2)
+    height = 0.4 * len(differences) + 1.1  # inches: the margins below are fixed in inches too
+    figure = new_figure(7.0, height)
     axes = figure.add_subplot(1, 1, 1)
     for row, (label, paired) in enumerate(reversed(differences)):
         mean, std = mean_and_std(paired)
@@ -134,8 +135,8 @@ def draw(differences: list, path: str, title: str) -> None:
     axes.axvline(0.0, color="grey", linestyle="--", linewidth=1)
     axes.set_yticks(range(len(differences)), [label for label, _ in reversed(differences)])
     axes.set_xlabel("test R@1 minus the reference, same seed (points)")
-    axes.set_title(title)
-    figure.subplots_adjust(left=0.42, bottom=0.5 / (0.45 * len(differences) + 1.2) + 0.1)
+    axes.set_title(title, fontsize=10)
+    figure.subplots_adjust(left=0.34, right=0.97, top=1 - 0.35 / height, bottom=0.6 / height)
     save_figure(figure, path)
 
 
