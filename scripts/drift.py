@@ -45,7 +45,7 @@ def embed_checkpoints(cfg, paths: list[str], num_samples: int, seed: int):
     """[(iteration, path, probe embeddings)] sorted by the checkpoints' stored iteration."""
     from xbm.data.datasets import build_dataset, dataset_class
     from xbm.data.transforms import build_transforms
-    from xbm.engine.checkpoint import load_checkpoint
+    from xbm.checkpoint.io import load_checkpoint
     from xbm.modeling import build_model
     from xbm.utils.env import resolve_device
 
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         paths = checkpoint_paths(args.ckpts)
-        from xbm.engine.evaluation_tool import config_of_checkpoint
+        from xbm.checkpoint.config import config_of_checkpoint
 
         cfg = config_of_checkpoint(paths[0], args.opts, args.cfg)
         found = embed_checkpoints(cfg, paths, args.num_samples, args.seed)

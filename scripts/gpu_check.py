@@ -76,7 +76,7 @@ def _final_metrics(out: str) -> dict:
 
 
 def _checkpoint_iteration(path: str) -> int:
-    from xbm.engine.checkpoint import load_checkpoint
+    from xbm.checkpoint.io import load_checkpoint
 
     try:
         return int(load_checkpoint(path)["iteration"])

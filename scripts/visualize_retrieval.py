@@ -114,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from xbm.data.datasets import build_dataset, dataset_class
     from xbm.data.transforms import build_transforms
-    from xbm.engine.checkpoint import load_checkpoint
-    from xbm.engine.evaluation_tool import config_of_checkpoint
+    from xbm.checkpoint.io import load_checkpoint
+    from xbm.checkpoint.config import config_of_checkpoint
     from xbm.evaluation.evaluator import compute_embeddings
     from xbm.modeling import build_model
     from xbm.utils.env import resolve_device

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from xbm.config import load_cfg
-from xbm.engine import performance
+from xbm import runtime
 from xbm.engine.defaults import DefaultTrainer
 
 
@@ -109,7 +109,7 @@ def test_bf16_autocast_trains_on_the_cpu(glyph_root, tmp_path):
     assert trainer.objective.memory.dtype == torch.float32 and trainer.guard.skipped_steps == 0  # ... the memory did not
     assert 0 < results["test"]["R@1"] <= 1
     # evaluation runs under the same autocast where the CPU has native bfloat16, else in float32
-    assert trainer.evaluator.amp_dtype == (torch.bfloat16 if performance.cpu_bf16_support()[0] else None)
+    assert trainer.evaluator.amp_dtype == (torch.bfloat16 if runtime.cpu_bf16_support()[0] else None)
 
 
 @pytest.mark.parametrize("avx512_bf16, amx, native", [(True, False, True), (False, True, True), (False, False, False)])
@@ -118,24 +118,24 @@ def test_bf16_on_a_cpu_without_native_bfloat16_evaluates_in_float32_and_warns_on
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    performance._warn_emulated_bf16.cache_clear()
+    runtime._warn_emulated_bf16.cache_clear()
     cfg = load_cfg("configs/glyphs_xbn.yaml", ["SOLVER.AMP", "bf16"])
     cpu = torch.device("cpu")
-    assert performance.cpu_bf16_support() == (native, "AVX2")
+    assert runtime.cpu_bf16_support() == (native, "AVX2")
     with caplog.at_level("WARNING", logger="xbm"):
-        assert performance.check_runtime(cfg, cpu) == torch.bfloat16  # training keeps what was asked
+        assert runtime.check_runtime(cfg, cpu) == torch.bfloat16  # training keeps what was asked
         for _ in range(2):
-            assert performance.evaluation_amp_dtype(cfg, cpu) == (torch.bfloat16 if native else None)
+            assert runtime.evaluation_amp_dtype(cfg, cpu) == (torch.bfloat16 if native else None)
     warnings = [r.getMessage() for r in caplog.records if "bfloat16" in r.getMessage()]
     if native:
         assert warnings == []
     else:
         assert len(warnings) == 1 and "AVX2" in warnings[0] and "SOLVER.AMP none" in warnings[0]
     # other settings and devices are not affected
-    assert performance.evaluation_amp_dtype(load_cfg("configs/glyphs_xbn.yaml", []), cpu) is None
+    assert runtime.evaluation_amp_dtype(load_cfg("configs/glyphs_xbn.yaml", []), cpu) is None
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
-    assert performance.evaluation_amp_dtype(cfg, torch.device("cuda")) == torch.bfloat16
+    assert runtime.evaluation_amp_dtype(cfg, torch.device("cuda")) == torch.bfloat16
     # a torch without the checks: assumed native (never refuse what might run well)
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
-    assert performance.cpu_bf16_support() == (True, "AVX2")
+    assert runtime.cpu_bf16_support() == (True, "AVX2")

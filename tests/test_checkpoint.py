@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from xbm.engine.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
+from xbm.checkpoint.io import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 
 
 def test_round_trip_with_weights_only(tmp_path):

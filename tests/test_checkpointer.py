@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from xbm.engine.checkpoint import CheckpointError, rng_states, save_checkpoint
+from xbm.checkpoint.io import CheckpointError, rng_states, save_checkpoint
 from xbm.engine.checkpointer import FLAT_HOOK_STATE, LAYOUT, Checkpointer, upgrade_layout
 from xbm.engine.hooks import HookBase
 

@@ -17,7 +17,7 @@ import torch
 
 from scripts_loader import load_script
 from xbm import cluster
-from xbm.engine.checkpoint import load_checkpoint
+from xbm.checkpoint.io import load_checkpoint
 
 pytest.importorskip("submitit")
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from xbm.config import load_cfg
-from xbm.engine.checkpoint import load_checkpoint
+from xbm.checkpoint.io import load_checkpoint
 from xbm.engine.defaults import DefaultTrainer
 from xbm.evaluation import evaluate, search
 from xbm.losses import ContrastiveLoss, MultiSimilarityLoss, SupConLoss, TripletLoss

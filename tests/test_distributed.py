@@ -19,7 +19,7 @@ from xbm.cli import train_main
 from xbm.config import load_cfg
 from xbm.config.rules import check_global_batch
 from xbm.data.sampler import MPerClassBatchSampler
-from xbm.engine.checkpoint import load_checkpoint
+from xbm.checkpoint.io import load_checkpoint
 from xbm.engine.defaults import DefaultTrainer
 from xbm.engine.hooks import HookBase, RefreshMemory
 from xbm.engine.run_guard import StopSignals, TrainingStopped

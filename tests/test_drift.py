@@ -109,7 +109,7 @@ def test_drift_script_orders_checkpoints_by_iteration(tmp_path, capsys):
     from xbm.data.datasets import build_dataset
     from xbm.data.glyphs import bundled_fonts, generate_glyphs
     from xbm.data.transforms import build_transforms
-    from xbm.engine.checkpoint import save_checkpoint
+    from xbm.checkpoint.io import save_checkpoint
     from xbm.modeling import build_model
 
     root = tmp_path / "glyphs"

@@ -13,7 +13,7 @@ import yaml
 
 from xbm.cli import eval_main
 from xbm.config import load_cfg
-from xbm.engine.checkpoint import CHECKPOINT_KEYS, load_checkpoint
+from xbm.checkpoint.io import CHECKPOINT_KEYS, load_checkpoint
 from xbm.engine.defaults import DefaultTrainer
 
 from conftest import checkpoint_adapter, checkpoint_memory

@@ -7,7 +7,7 @@ import torch
 
 from xbm.config import load_cfg
 from xbm.engine import hooks
-from xbm.engine.checkpoint import load_checkpoint
+from xbm.checkpoint.io import load_checkpoint
 from xbm.engine.defaults import DefaultTrainer
 
 

@@ -8,8 +8,8 @@ import torch
 from xbm.config import load_cfg
 from xbm.data.datasets import build_dataset
 from xbm.data.transforms import BNINCEPTION_CONVENTION, BackboneInput, build_transforms, to_backbone_input
-from xbm.engine import checkpoint as checkpoint_module
-from xbm.engine import performance
+from xbm.checkpoint import io as checkpoint_module
+from xbm import runtime
 from xbm.engine.defaults import DefaultTrainer
 from xbm.evaluation import search
 from xbm.utils.env import resolve_device
@@ -55,7 +55,7 @@ def test_bf16_on_a_gpu_without_it_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla V100-SXM2-16GB")
     cfg = load_cfg("configs/glyphs_xbm.yaml", ["SOLVER.AMP", "bf16"])
     with pytest.raises(ValueError, match="SOLVER.AMP bf16 is not supported by Tesla V100.*use fp16 or none"):
-        performance.amp_dtype(cfg, torch.device("cuda", 0))
+        runtime.amp_dtype(cfg, torch.device("cuda", 0))
 
 
 def test_a_gpu_index_beyond_the_machine_is_refused(monkeypatch):
@@ -76,7 +76,7 @@ def test_faiss_asked_for_but_missing(tmp_path, monkeypatch, caplog):
     logger = logging.getLogger("xbm")
     monkeypatch.setattr(logger, "handlers", [caplog.handler])  # xbm's logger does not propagate
     with caplog.at_level(logging.INFO, logger="xbm"):
-        performance.check_knn_backend(cfg)
+        runtime.check_knn_backend(cfg)
     assert [r.getMessage() for r in caplog.records] == [
         "faiss cannot be imported (No module named 'faiss'): evaluation searches with torch"]
     assert search.resolve_backend("auto", torch.device("cpu"), 10) == "torch"
@@ -85,7 +85,7 @@ def test_faiss_asked_for_but_missing(tmp_path, monkeypatch, caplog):
 def test_an_unknown_or_unusable_compile_backend_is_refused(tmp_path, monkeypatch):
     assert "PERF.COMPILE 'warp-drive' is not a torch.compile backend here" in _refused(
         tmp_path, "PERF.COMPILE", "warp-drive")
-    monkeypatch.setattr(performance.shutil, "which", lambda name: None)
+    monkeypatch.setattr(runtime.shutil, "which", lambda name: None)
     assert "PERF.COMPILE inductor on the CPU needs a C++ compiler" in _refused(tmp_path, "PERF.COMPILE", "inductor")
 
 
@@ -96,11 +96,11 @@ def test_prefetch_factor_must_be_positive(tmp_path):
 # ------------------------------------------------------------------ the switches themselves
 def test_backend_flags_follow_the_config(torch_flags):
     cfg = load_cfg(opts=["PERF.CUDNN_BENCHMARK", "True", "PERF.TF32", "False"])
-    performance.configure_backends(cfg)
+    runtime.configure_backends(cfg)
     assert torch.backends.cudnn.benchmark and not torch.backends.cuda.matmul.allow_tf32
     assert not torch.are_deterministic_algorithms_enabled()
     # determinism wins over autotuning (cuDNN's benchmark picks algorithms by timing)
-    performance.configure_backends(load_cfg(opts=["PERF.DETERMINISTIC", "True", "PERF.TF32", "True"]))
+    runtime.configure_backends(load_cfg(opts=["PERF.DETERMINISTIC", "True", "PERF.TF32", "True"]))
     assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
     assert torch.is_deterministic_algorithms_warn_only_enabled()
     assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.allow_tf32
@@ -208,18 +208,19 @@ def test_evaluation_shows_progress_and_keeps_embeddings_on_the_device(glyph_root
 def test_two_faiss_packages_in_one_environment_are_named(monkeypatch, caplog):
     logger = logging.getLogger("xbm")
     monkeypatch.setattr(logger, "handlers", [caplog.handler])
-    monkeypatch.setattr(performance, "installed_faiss_packages", lambda: ["faiss-cpu", "faiss-gpu"])
+    monkeypatch.setattr(runtime, "installed_faiss_packages", lambda: ["faiss-cpu", "faiss-gpu"])
     with caplog.at_level(logging.INFO, logger="xbm"):
-        performance.check_knn_backend(load_cfg(opts=[]))
+        runtime.check_knn_backend(load_cfg(opts=[]))
     assert caplog.records[0].levelname == "WARNING" and caplog.records[0].getMessage().startswith(
         "faiss-cpu and faiss-gpu are both installed and overwrite each other's `faiss` module")
     monkeypatch.undo()
     # this environment itself has at most one (make installs the cpu extra)
-    assert len(performance.installed_faiss_packages()) <= 1
+    assert len(runtime.installed_faiss_packages()) <= 1
 
 
 def test_a_checkpoint_trained_with_fp16_evaluates_on_the_cpu(glyph_root, tmp_path, torch_flags):
-    from xbm.engine.evaluation_tool import config_of_checkpoint, evaluate_checkpoints
+    from xbm.checkpoint.config import config_of_checkpoint
+    from xbm.evaluation.checkpoints import evaluate_checkpoints
 
     out = tmp_path / "run"
     DefaultTrainer(load_cfg("configs/glyphs_xbm.yaml", _opts(glyph_root, out, "SOLVER.MAX_ITERS", "2"))).train()
@@ -228,4 +229,4 @@ def test_a_checkpoint_trained_with_fp16_evaluates_on_the_cpu(glyph_root, tmp_pat
     cfg = config_of_checkpoint(path, ["SOLVER.AMP", "fp16"])
     (row,) = evaluate_checkpoints(cfg, [path])
     assert row["task"] == "test" and 0 < row["R@1"] <= 1
-    assert performance.evaluation_amp_dtype(cfg, torch.device("cpu")) is None
+    assert runtime.evaluation_amp_dtype(cfg, torch.device("cpu")) is None

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from xbm.config import load_cfg
-from xbm.engine.checkpoint import load_checkpoint
+from xbm.checkpoint.io import load_checkpoint
 from xbm.engine.defaults import DefaultTrainer
 
 from conftest import checkpoint_adapter, checkpoint_memory

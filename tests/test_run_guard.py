@@ -17,7 +17,7 @@ import torch
 from xbm.cli import _parse, _parser, eval_main, train_main
 from xbm.config import ConfigError, load_cfg
 from xbm.engine import run_guard
-from xbm.engine.checkpoint import CheckpointError, CheckpointWriteError, load_checkpoint, save_checkpoint
+from xbm.checkpoint.io import CheckpointError, CheckpointWriteError, load_checkpoint, save_checkpoint
 from xbm.engine.run_guard import (EXIT_STOPPED, LOCK_NAME, RunGuardError, RunLock, StopSignals, claim_output_dir,
                                   resume_command)
 
@@ -380,7 +380,7 @@ def test_train_and_eval_name_a_bad_checkpoint_in_one_sentence(glyph_root, tmp_pa
 
 
 def test_eval_with_a_config_of_another_dataset_says_so(glyph_root, tmp_path, capsys):
-    from xbm.engine.evaluation_tool import config_of_checkpoint
+    from xbm.checkpoint.config import config_of_checkpoint
 
     path = tmp_path / "last.pth"
     save_checkpoint({"iteration": 1, "model": {}, "config": load_cfg("configs/glyphs_xbm.yaml").dump()}, str(path))
@@ -418,7 +418,7 @@ def test_export_checks_split_names_before_any_work(tmp_path, capsys):
 
 # ------------------------------------------------------------------ writing checkpoints
 def test_a_failed_checkpoint_write_keeps_the_previous_one(glyph_root, tmp_path, capsys, monkeypatch):
-    import xbm.engine.checkpoint as checkpoint
+    import xbm.checkpoint.io as checkpoint
 
     out = tmp_path / "run"
     real_save, calls = torch.save, []

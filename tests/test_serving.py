@@ -38,7 +38,7 @@ def tiny(glyph_root, tmp_path_factory):
     and the evaluator's embeddings of the test split by the first one (the reference)."""
     from xbm.data.datasets import build_dataset
     from xbm.data.transforms import build_transforms
-    from xbm.engine.checkpoint import save_checkpoint
+    from xbm.checkpoint.io import save_checkpoint
     from xbm.evaluation.evaluator import compute_embeddings
     from xbm.modeling import build_model
 

@@ -328,7 +328,7 @@ def test_tools_reading_a_checkpoint_never_read_the_initial_weights(tmp_path, mon
     the checkpoint holds every weight, so the initial ones are neither read nor downloaded."""
     import huggingface_hub
 
-    from xbm.engine.evaluation_tool import config_of_checkpoint
+    from xbm.checkpoint.config import config_of_checkpoint
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", _no_download)

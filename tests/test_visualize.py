@@ -43,7 +43,7 @@ def tiny_checkpoint(tmp_path_factory):
     """A Glyphs subset and an untrained tiny model saved in the trainer's checkpoint layout."""
     from xbm.config import load_cfg
     from xbm.data.glyphs import bundled_fonts, generate_glyphs
-    from xbm.engine.checkpoint import save_checkpoint
+    from xbm.checkpoint.io import save_checkpoint
     from xbm.modeling import build_model
 
     base = tmp_path_factory.mktemp("vis")
@@ -72,7 +72,7 @@ def test_retrieval_grid_has_the_layout_size_and_colours(tiny_checkpoint, tmp_pat
     # Which results are hits, recomputed independently of the script's search.
     from xbm.data.datasets import build_dataset
     from xbm.data.transforms import build_transforms
-    from xbm.engine.evaluation_tool import config_of_checkpoint
+    from xbm.checkpoint.config import config_of_checkpoint
     from xbm.evaluation.evaluator import compute_embeddings
     from xbm.modeling import build_model
 

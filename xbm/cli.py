@@ -142,7 +142,7 @@ def train_main(argv: list[str] | None = None) -> int:
         return _usage_without_config(parser)
     cfg = _load(parser, args)
     from .engine.run_guard import EXIT_STOPPED, StopSignals, TrainingStopped, claim_for_all_ranks, resume_command
-    from .engine.setup import format_results
+    from .evaluation.build import format_results
     from .engine.defaults import DefaultTrainer
     from .utils.distributed import shutdown_distributed
 
@@ -179,7 +179,7 @@ def train_main(argv: list[str] | None = None) -> int:
 
 def _training_failure(err: BaseException, trainer) -> str:
     """One sentence for an error during training: what, when, and the checkpoint to resume from."""
-    from .engine.checkpoint import CheckpointWriteError, read_checkpoint
+    from .checkpoint.io import CheckpointWriteError, read_checkpoint
     from .engine.nonfinite import NonFiniteLossError
 
     text = one_sentence(err)
@@ -216,7 +216,8 @@ def eval_main(argv: list[str] | None = None) -> int:
     paths = sorted(glob.glob(args.ckpt)) if any(c in args.ckpt for c in "*?[") else [args.ckpt]
     if not paths or not all(os.path.isfile(p) for p in paths):
         parser.exit(2, f"error: no checkpoint file matches {args.ckpt!r}\n")
-    from .engine.evaluation_tool import check_export_splits, config_of_checkpoint, evaluate_checkpoints
+    from .checkpoint.config import config_of_checkpoint
+    from .evaluation.checkpoints import check_export_splits, evaluate_checkpoints
 
     try:
         # Without --cfg the first checkpoint's own config is used (plus any overrides).

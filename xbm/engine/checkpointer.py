@@ -21,7 +21,7 @@ import os
 from typing import Any, Sequence
 
 from ..utils.distributed import all_gather_object
-from .checkpoint import CHECKPOINT_KEYS, CheckpointError, load_checkpoint, restore_rng_states, rng_states, save_checkpoint
+from ..checkpoint.io import CHECKPOINT_KEYS, CheckpointError, load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 
 LAYOUT = 2
 # The flat layout's entries that upgrade_layout places; any other top-level entry was a user hook's.

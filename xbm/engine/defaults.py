@@ -16,10 +16,15 @@ import yaml  # yacs depends on PyYAML
 from ..config import check_cfg
 from ..config.checks import check_refresh_fits
 from ..config.rules import check_global_batch, config_differences, resolve_memory_size
+from ..data.build import build_training_data, build_training_loader, training_eval_view
+from ..diagnostics.build import build_drift_monitor, build_memory_probe
+from ..diagnostics.memory_drift import embed_training_items
+from ..evaluation.build import build_evaluator, format_results
 from ..memory.key_encoder import MomentumKeyEncoder
 from ..memory.refresh import MemoryRefresh
 from ..modeling import build_model
 from ..objective import build_objective
+from ..runtime import check_runtime, compiled, configure_backends, memory_format
 from ..utils.distributed import all_gather_object, broadcast_object, get_rank, get_world_size, init_distributed
 from ..utils.env import seed_everything
 from ..utils.logger import setup_logger
@@ -27,9 +32,6 @@ from . import hooks as default_hooks
 from .checkpointer import Checkpointer
 from .events import TensorboardWriter
 from .nonfinite import NonFiniteGuard
-from .performance import check_runtime, compiled, configure_backends, memory_format
-from .setup import (build_drift_monitor, build_evaluator, build_memory_probe, build_refresh_embedding,
-                    build_training_data, build_training_loader, distributed, format_results, log_setup)
 from .solver import build_optimizer, build_plateau, build_scheduler, parameter_groups
 from .trainer import Trainer
 
@@ -61,7 +63,7 @@ class DefaultTrainer(Trainer):
         image_format = memory_format(cfg)
         model = build_model(cfg).to(device, memory_format=image_format)
         # What training steps call (DDP, compiled); the model is what is saved and evaluated.
-        network = compiled(distributed(model, device, world_size), cfg)
+        network = compiled(distributed_model(model, device, world_size), cfg)
         objective = build_objective(cfg, device)
         # XBM.KEY_MOMENTUM: a copy of the model after DDP's broadcast, so the same on every rank.
         self.key_encoder = MomentumKeyEncoder(model, cfg.XBM.KEY_MOMENTUM) if objective.memory is not None \
@@ -90,7 +92,38 @@ class DefaultTrainer(Trainer):
         if self.is_main:
             with open(os.path.join(self.output_dir, "config.yaml"), "w") as f:
                 f.write(cfg.dump())
-        log_setup(self)
+        self._log_setup()
+
+    def _log_setup(self) -> None:
+        """What this run is, in a few log lines."""
+        cfg, log = self.cfg, self.logger.info
+        labels = self.train_set.labels
+        log(f"device {self.device}; {len(self.train_set)} training images in "
+            f"{len(set(int(x) for x in labels))} classes; output in {self.output_dir}")
+        params = sum(p.numel() for p in self.model.parameters())
+        head = f"{cfg.MODEL.HEAD.DIM}-d head" if cfg.MODEL.HEAD.DIM else f"no head ({self.model.dim}-d features)"
+        log(f"model {cfg.MODEL.BACKBONE.NAME} + {head}, {params / 1e6:.2f} M parameters")
+        if self.world_size > 1:
+            log(f"distributed: {self.world_size} processes, DATA.BATCH_SIZE {cfg.DATA.BATCH_SIZE} per process, "
+                f"global batch {self.world_size * cfg.DATA.BATCH_SIZE}")
+        memory = self.objective.memory
+        if memory is not None:
+            log(f"cross-batch memory: {memory.size} x {memory.dim} {cfg.XBM.DTYPE}, "
+                f"{memory.nbytes / 2**20:.2f} MiB; adaptation {cfg.XBM.ADAPT.NAME}; "
+                f"memory loss from iteration {cfg.XBM.START_ITERATION} with weight {cfg.XBM.WEIGHT}; "
+                f"filled from {cfg.XBM.FILL_FROM}")
+            corrections = [f"momentum key encoder {cfg.XBM.KEY_MOMENTUM}" if cfg.XBM.KEY_MOMENTUM > 0 else "",
+                           f"{cfg.XBM.REFRESH_PER_STEP} entries refreshed per step" if cfg.XBM.REFRESH_PER_STEP > 0 else "",
+                           f"pairs weighted by age, scale {cfg.XBM.AGE_WEIGHT_SCALE} iterations"
+                           if cfg.XBM.AGE_WEIGHT_SCALE > 0 else ""]
+            if any(corrections):
+                log("encoder-side drift corrections: " + "; ".join(c for c in corrections if c))
+        else:
+            log("cross-batch memory off (in-batch loss only)" +
+                ("; DRIFT.MEMORY_PROBE has no memory to probe" if cfg.DRIFT.MEMORY_PROBE else ""))
+        if self.plateau is not None and cfg.SOLVER.PLATEAU.SPLIT != "val":
+            self.logger.warning(f"SOLVER.PLATEAU.SPLIT {cfg.SOLVER.PLATEAU.SPLIT}: the learning rate is "
+                                   "driven by the test set, so every test number of this run is OPTIMISTIC")
 
     # ------------------------------------------------------------------ hooks
     def build_hooks(self) -> list[default_hooks.HookBase]:
@@ -213,3 +246,24 @@ class DefaultTrainer(Trainer):
                 f"{path} was written by a run of {saved_world} process(es) and this run has {self.world_size}: "
                 f"the global batch changes from {saved_world * batch} to {self.world_size * batch} images and the "
                 "batch stream continues elsewhere")
+
+
+def distributed_model(model: torch.nn.Module, device: torch.device, world_size: int) -> torch.nn.Module:
+    """The model wrapped in DistributedDataParallel under torchrun; the model itself otherwise."""
+    if world_size == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def build_refresh_embedding(cfg, train_set, device):
+    """XBM.REFRESH_PER_STEP's `embed(model, item_ids)`: the items of the training set through the test-time
+    transform, embedded in eval mode (as the memory probe re-embeds them)."""
+    view, batch_size = training_eval_view(cfg, train_set), cfg.TEST.BATCH_SIZE
+
+    def embed(model, item_ids):
+        return embed_training_items(model, view, item_ids, device, batch_size)
+
+    return embed

@@ -55,8 +55,8 @@ class CheckpointEmbedder:
 
         from ..config import ConfigError
         from ..data.transforms import build_transforms
-        from ..engine.checkpoint import CheckpointError, load_checkpoint
-        from ..engine.evaluation_tool import config_of_checkpoint
+        from ..checkpoint.io import CheckpointError, load_checkpoint
+        from ..checkpoint.config import config_of_checkpoint
         from ..modeling import build_model
         from ..data.transforms import input_geometry
         from .images import describe_transform

@@ -47,7 +47,7 @@ def write_projector(cfg, ckpt_paths: list[str], count: int, out_dir: str, seed: 
 
     from ..data.datasets import build_dataset, dataset_class
     from ..data.transforms import build_transforms
-    from ..engine.checkpoint import load_checkpoint
+    from ..checkpoint.io import load_checkpoint
     from ..evaluation.evaluator import compute_embeddings
     from ..modeling import build_model
     from ..utils.env import resolve_device

@@ -96,7 +96,7 @@ def check_compile(cfg, device: torch.device) -> None:
 
 def check_knn_backend(cfg) -> None:
     """TEST.KNN_BACKEND faiss needs an importable faiss; auto falls back to torch, and says so."""
-    from ..evaluation.search import BACKENDS, faiss_import_error
+    from .evaluation.search import BACKENDS, faiss_import_error
 
     backend = str(cfg.TEST.KNN_BACKEND)
     if backend not in BACKENDS:
