@@ -12,13 +12,17 @@ from .transforms import build_transforms
 from .validation import LabelledSubset, split_validation
 
 
+def training_split_test_view(cfg):
+    """The whole training split through the test-time transform (what evaluation and the probes embed)."""
+    return build_dataset(cfg, dataset_class(cfg).TRAIN_SPLIT, build_transforms(cfg, train=False))
+
+
 def build_training_data(cfg):
     """The training set and, with DATA.VAL_FRACTION, a class-disjoint validation task."""
-    split = dataset_class(cfg).TRAIN_SPLIT
-    train_set = build_dataset(cfg, split, build_transforms(cfg, train=True))
+    train_set = build_dataset(cfg, dataset_class(cfg).TRAIN_SPLIT, build_transforms(cfg, train=True))
     if cfg.DATA.VAL_FRACTION <= 0:
         return train_set, {}
-    eval_view = build_dataset(cfg, split, build_transforms(cfg, train=False))
+    eval_view = training_split_test_view(cfg)
     train_set, val_set = split_validation(train_set, eval_view, cfg.DATA.VAL_FRACTION, seed=cfg.SOLVER.SEED)
     return train_set, {"val": (val_set, None)}
 
@@ -26,7 +30,7 @@ def build_training_data(cfg):
 def training_eval_view(cfg, train_set):
     """The items of `train_set`, index for index (the validation split's removal included), through
     the test-time transform: what the memory probe re-embeds by the ids the loader yields."""
-    view = build_dataset(cfg, dataset_class(cfg).TRAIN_SPLIT, build_transforms(cfg, train=False))
+    view = training_split_test_view(cfg)
     if isinstance(train_set, LabelledSubset):
         view = LabelledSubset(view, train_set.indices)
     if len(view) != len(train_set):

@@ -1,16 +1,14 @@
 """Building the diagnostics' probes from the config (DRIFT.*)."""
 from __future__ import annotations
 
-from ..data.build import training_eval_view
-from ..data.datasets import build_dataset, dataset_class
-from ..data.transforms import build_transforms
+from ..data.build import training_eval_view, training_split_test_view
 from .drift import DriftMonitor
 from .memory_drift import MemoryProbe
 
 
 def build_drift_monitor(cfg, device) -> DriftMonitor:
     # The test-time transform: drift should measure the network, not the augmentation.
-    probe_set = build_dataset(cfg, dataset_class(cfg).TRAIN_SPLIT, build_transforms(cfg, train=False))
+    probe_set = training_split_test_view(cfg)
     return DriftMonitor(probe_set, num_samples=cfg.DRIFT.NUM_SAMPLES, interval=cfg.DRIFT.INTERVAL,
                         device=device, batch_size=cfg.TEST.BATCH_SIZE)
 

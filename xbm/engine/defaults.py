@@ -123,7 +123,7 @@ class DefaultTrainer(Trainer):
                 ("; DRIFT.MEMORY_PROBE has no memory to probe" if cfg.DRIFT.MEMORY_PROBE else ""))
         if self.plateau is not None and cfg.SOLVER.PLATEAU.SPLIT != "val":
             self.logger.warning(f"SOLVER.PLATEAU.SPLIT {cfg.SOLVER.PLATEAU.SPLIT}: the learning rate is "
-                                   "driven by the test set, so every test number of this run is OPTIMISTIC")
+                                "driven by the test set, so every test number of this run is OPTIMISTIC")
 
     # ------------------------------------------------------------------ hooks
     def build_hooks(self) -> list[default_hooks.HookBase]:
