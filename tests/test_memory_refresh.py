@@ -101,3 +101,27 @@ def test_the_hook_re_embeds_stored_items_with_the_current_model_in_eval_mode(gly
     untouched = [s for s in range(40) if s not in slots]
     assert torch.equal(memory.feats[untouched], before[untouched])
     assert trainer.checkpoint_state()["hooks"]["RefreshMemory"] == {"cursor": (cursor - 6) % 40}
+
+
+def test_the_training_splits_test_time_view_is_built_once_for_the_validation_split_probes_and_refresh(
+        glyph_root, tmp_path, monkeypatch):
+    # Glyphs decodes its split when built: the run reads the training split twice (augmented for the
+    # batches, test-time for the rest), not once per reader of the test-time view.
+    import xbm.data.build as data_build
+
+    built = []
+
+    def counting(cfg, split, transform):
+        built.append(split)
+        return build_dataset(cfg, split, transform)
+
+    monkeypatch.setattr(data_build, "build_dataset", counting)
+    trainer = DefaultTrainer(_cfg(glyph_root, tmp_path, "XBM.REFRESH_PER_STEP", "6", "DRIFT.MEMORY_PROBE", "True",
+                                  "DRIFT.ENABLE", "True"))
+    assert built == ["train", "train"]
+    whole = trainer.training_split_test_view.whole()
+    probe = next(h for h in trainer.hooks if type(h).__name__ == "MemoryDriftProbe").probe
+    monitor = next(h for h in trainer.hooks if type(h).__name__ == "DriftProbe").monitor
+    val_set, _ = trainer.evaluator.tasks["val"]
+    assert probe.dataset.dataset is whole and monitor.dataset is whole and val_set.dataset is whole
+    assert probe.dataset.indices.tolist() == trainer.train_set.indices.tolist()

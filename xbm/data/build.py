@@ -12,31 +12,42 @@ from .transforms import build_transforms
 from .validation import LabelledSubset, split_validation
 
 
-def training_split_test_view(cfg):
-    """The whole training split through the test-time transform (what evaluation and the probes embed)."""
-    return build_dataset(cfg, dataset_class(cfg).TRAIN_SPLIT, build_transforms(cfg, train=False))
+class TrainingSplitTestView:
+    """The training split through the test-time transform, built at the first request and shared after it:
+    the validation split, the memory probe, the refresh and the drift monitor all embed these images, and a
+    dataset that decodes its split when built (Glyphs) should do it once per run, not once per reader."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self._whole = None
+
+    def whole(self):
+        """The whole training split, index for index as the training set is built before any split."""
+        if self._whole is None:
+            cfg = self.cfg
+            self._whole = build_dataset(cfg, dataset_class(cfg).TRAIN_SPLIT, build_transforms(cfg, train=False))
+        return self._whole
+
+    def items_of(self, train_set):
+        """The items of `train_set`, index for index (the validation split's removal included): what the
+        memory probe and the refresh re-embed by the ids the loader yields."""
+        view = self.whole()
+        if isinstance(train_set, LabelledSubset):
+            view = LabelledSubset(view, train_set.indices)
+        if len(view) != len(train_set):
+            raise ValueError(f"the test-time view of the training split has {len(view)} items, "
+                             f"the training set {len(train_set)}: DATA.NAME's dataset is not deterministic")
+        return view
 
 
-def build_training_data(cfg):
-    """The training set and, with DATA.VAL_FRACTION, a class-disjoint validation task."""
+def build_training_data(cfg, test_view: TrainingSplitTestView):
+    """The training set and, with DATA.VAL_FRACTION, a class-disjoint validation task (its images from
+    `test_view`)."""
     train_set = build_dataset(cfg, dataset_class(cfg).TRAIN_SPLIT, build_transforms(cfg, train=True))
     if cfg.DATA.VAL_FRACTION <= 0:
         return train_set, {}
-    eval_view = training_split_test_view(cfg)
-    train_set, val_set = split_validation(train_set, eval_view, cfg.DATA.VAL_FRACTION, seed=cfg.SOLVER.SEED)
+    train_set, val_set = split_validation(train_set, test_view.whole(), cfg.DATA.VAL_FRACTION, seed=cfg.SOLVER.SEED)
     return train_set, {"val": (val_set, None)}
-
-
-def training_eval_view(cfg, train_set):
-    """The items of `train_set`, index for index (the validation split's removal included), through
-    the test-time transform: what the memory probe re-embeds by the ids the loader yields."""
-    view = training_split_test_view(cfg)
-    if isinstance(train_set, LabelledSubset):
-        view = LabelledSubset(view, train_set.indices)
-    if len(view) != len(train_set):
-        raise ValueError(f"the test-time view of the training split has {len(view)} items, "
-                         f"the training set {len(train_set)}: DATA.NAME's dataset is not deterministic")
-    return view
 
 
 def build_training_loader(cfg, train_set, start_batch: int, rank: int, world_size: int,

@@ -65,7 +65,7 @@ class MemoryProbe:
 
     Args:
         dataset: the training set the memory's item ids index, through the test-time transform
-            (`xbm.data.build.training_eval_view`); yields (image tensor, label).
+            (`xbm.data.build.TrainingSplitTestView.items_of`); yields (image tensor, label).
         num_samples: entries per measurement (all known ones if fewer).
         interval: iterations between measurements.
         global_batch: rows the memory receives per iteration (ages are counted in iterations).

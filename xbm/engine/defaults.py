@@ -16,7 +16,7 @@ import yaml  # yacs depends on PyYAML
 from ..config import check_cfg
 from ..config.checks import check_refresh_fits
 from ..config.rules import check_global_batch, config_differences, resolve_memory_size
-from ..data.build import build_training_data, build_training_loader, training_eval_view
+from ..data.build import TrainingSplitTestView, build_training_data, build_training_loader
 from ..diagnostics.build import build_drift_monitor, build_memory_probe
 from ..diagnostics.memory_drift import embed_training_items
 from ..evaluation.build import build_evaluator, format_results
@@ -56,7 +56,9 @@ class DefaultTrainer(Trainer):
         seed_everything(cfg.SOLVER.SEED)
         amp_dtype = check_runtime(cfg, device)  # before any data is read
         configure_backends(cfg)
-        self.train_set, val_tasks = build_training_data(cfg)
+        # built when first read, then shared by the validation split, the probes and the refresh
+        self.training_split_test_view = TrainingSplitTestView(cfg)
+        self.train_set, val_tasks = build_training_data(cfg, self.training_split_test_view)
         self.cfg = cfg = resolve_memory_size(cfg, len(self.train_set), world_size)
         check_refresh_fits(cfg)  # XBM.SIZE -1 is known now
         self.evaluator = build_evaluator(cfg, device, val_tasks) if self.is_main else None
@@ -132,8 +134,8 @@ class DefaultTrainer(Trainer):
         hooks: list[default_hooks.HookBase] = [default_hooks.StopOnSignal(self.save, self.checkpoint_path)]
         if self.objective.memory is not None and cfg.XBM.REFRESH_PER_STEP > 0:
             # before the probes (they see what the next step reads) and the checkpointer (it saves the result)
-            hooks.append(default_hooks.RefreshMemory(MemoryRefresh(cfg.XBM.REFRESH_PER_STEP),
-                                                     build_refresh_embedding(cfg, self.train_set, self.device)))
+            embed = build_refresh_embedding(cfg, self.training_split_test_view.items_of(self.train_set), self.device)
+            hooks.append(default_hooks.RefreshMemory(MemoryRefresh(cfg.XBM.REFRESH_PER_STEP), embed))
         hooks += self._probe_hooks()
         hooks += [default_hooks.MetricWriter(cfg.SOLVER.LOG_PERIOD, self.writer, self.logger, self.is_main),
                   default_hooks.PeriodicCheckpointer(self.save, cfg.SOLVER.CHECKPOINT_PERIOD)]
@@ -160,9 +162,11 @@ class DefaultTrainer(Trainer):
             return hooks
         record = default_hooks.ScalarRecord(os.path.join(self.output_dir, "drift.jsonl"), self.writer)
         if cfg.DRIFT.ENABLE:
-            hooks.append(default_hooks.DriftProbe(build_drift_monitor(cfg, self.device), record))
+            monitor = build_drift_monitor(cfg, self.training_split_test_view.whole(), self.device)
+            hooks.append(default_hooks.DriftProbe(monitor, record))
         if cfg.DRIFT.MEMORY_PROBE and self.objective.memory is not None:
-            probe = build_memory_probe(cfg, self.train_set, self.device, self.world_size)
+            items = self.training_split_test_view.items_of(self.train_set)
+            probe = build_memory_probe(cfg, items, self.device, self.world_size)
             hooks.append(default_hooks.MemoryDriftProbe(probe, record))
         return hooks
 
@@ -258,10 +262,10 @@ def distributed_model(model: torch.nn.Module, device: torch.device, world_size: 
     return DistributedDataParallel(model, device_ids=device_ids)
 
 
-def build_refresh_embedding(cfg, train_set, device):
-    """XBM.REFRESH_PER_STEP's `embed(model, item_ids)`: the items of the training set through the test-time
-    transform, embedded in eval mode (as the memory probe re-embeds them)."""
-    view, batch_size = training_eval_view(cfg, train_set), cfg.TEST.BATCH_SIZE
+def build_refresh_embedding(cfg, items_view, device):
+    """XBM.REFRESH_PER_STEP's `embed(model, item_ids)`: the items of `items_view` (the training set's items
+    through the test-time transform), embedded in eval mode (as the memory probe re-embeds them)."""
+    view, batch_size = items_view, cfg.TEST.BATCH_SIZE
 
     def embed(model, item_ids):
         return embed_training_items(model, view, item_ids, device, batch_size)
