@@ -38,6 +38,9 @@ axis or of XBM.SIZE, "no memory", drawn as a dashed horizontal line), one line p
 other grid keys, mean +- std band over seeds (error bars where a line has one point or the axis is
 not numeric).
 A child that fails is listed as failed with its log; the others go on; the exit status is then 1.
+Each child imports xbm from this checkout when it starts: an edit of the checkout while a sweep runs
+changes (or breaks) the runs that start after it. For a long sweep, train from a worktree of a commit
+(`git worktree add --detach ../xbm-sweep HEAD`, then run the sweep there) and keep editing here.
 
 On a cluster (--launcher slurm, through submitit; xbm/cluster.py): every unfinished run is one job
 running the same command, all in one SLURM job array, with --partition, --gpus-per-node (one
