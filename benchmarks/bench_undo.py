@@ -13,6 +13,12 @@ on its own copy of one full memory, timed round-robin in one run:
 Columns: ms per step (median over the repeats) and each version over the bare step. The goal: the undo
 within 2% of the XBN step (`+ undo / xbn step` <= 1.02).
 
+A second table shows where the undo's cost goes: the adaptation's one pass over the memory (addcmul),
+written in place (a step without an undo point) and into a second buffer of the same size (an undoable
+step), timed round-robin the same way. On a CPU every line of the second buffer is read before it is
+written (write-allocate), so that pass moves half as many bytes again; the difference of the two passes
+is what `+ undo` should cost over `xbn step`.
+
 Usage: python benchmarks/bench_undo.py [--threads 2] [--repeats 15] [--quick] [--device cuda]
 """
 from __future__ import annotations
@@ -69,6 +75,18 @@ def run_config(batch: int, size: int, dim: int, repeats: int, device: torch.devi
     return time_round_robin(steps, emb, labels, repeats, device)
 
 
+def time_affine_passes(size: int, dim: int, repeats: int, device: torch.device) -> dict:
+    """The adaptation's pass over a memory of `size` x `dim`, in place and into a second buffer. The scale is 1
+    and the shift 0, so that repeating it leaves the values as they are (no drift into denormals)."""
+    feats = torch.randn(size, dim, device=device)
+    spare = torch.zeros_like(feats)
+    scale, shift = torch.ones(dim, device=device), torch.zeros(dim, device=device)
+    passes = {"in place": lambda emb, labels: torch.addcmul(shift, feats, scale, out=feats),
+              "into a second buffer": lambda emb, labels: torch.addcmul(shift, feats, scale, out=spare)}
+    dummy = torch.zeros(1, device=device)
+    return time_round_robin(passes, dummy, dummy, repeats, device)
+
+
 def main() -> None:
     args, device, repeats = parse_timing_args(__doc__, repeats=15)
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, repeats {repeats}, "
@@ -80,6 +98,12 @@ def main() -> None:
         cells = [f"{times[n] * 1e3:.1f}" for n in VERSIONS]
         ratios = [f"{times[n] / times['xbn step']:.3f}" for n in VERSIONS[1:]]
         print(f"| {batch} | {size:,} | {dim} | " + " | ".join(cells + ratios) + " |", flush=True)
+    print("\n| M | D | adaptation pass in place ms | into a second buffer ms | difference ms |")
+    print("|---|---|---|---|---|")
+    for _, size, dim in QUICK_CONFIGS if args.quick else FULL_CONFIGS:
+        times = {k: statistics.median(v) for k, v in time_affine_passes(size, dim, repeats, device).items()}
+        inplace, second = times["in place"] * 1e3, times["into a second buffer"] * 1e3
+        print(f"| {size:,} | {dim} | {inplace:.2f} | {second:.2f} | {second - inplace:+.2f} |", flush=True)
     print(f"load average at end: {load_average()}")
 
 

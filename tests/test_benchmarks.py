@@ -73,6 +73,10 @@ def test_bench_undo_quick_times_the_three_undo_versions():
     times, ratios = cells[:3], cells[3:]  # xbn step, + undo, + full copy; then the last two over the first
     assert len(ratios) == 2 and all(t > 0 for t in times)
     assert ratios == pytest.approx([t / times[0] for t in times[1:]], rel=0.1, abs=0.02)
+    # where the undo's cost goes: the adaptation's pass in place and into a second buffer, and their difference
+    (passes,) = re.findall(r"^\| 8,192 \| 128 \| ([0-9.]+) \| ([0-9.]+) \| ([+-][0-9.]+) \|$", out, re.M)
+    inplace, second, difference = (float(c) for c in passes)
+    assert difference == pytest.approx(second - inplace, abs=0.011)  # each printed to 0.01 ms
 
 
 def test_bench_drift_corrections_quick_counts_each_corrections_extra_images(glyph_root):
