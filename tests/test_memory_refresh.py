@@ -9,7 +9,7 @@ from xbm.config import load_cfg
 from xbm.data.datasets import build_dataset
 from xbm.data.transforms import build_transforms
 from xbm.engine.defaults import DefaultTrainer
-from xbm.engine.hooks import RefreshMemory
+from xbm.engine.hooks import DriftProbe, MemoryDriftProbe, RefreshMemory
 from xbm.memory import CrossBatchMemory
 from xbm.memory.refresh import MemoryRefresh
 
@@ -120,8 +120,10 @@ def test_the_training_splits_test_time_view_is_built_once_for_the_validation_spl
                                   "DRIFT.ENABLE", "True"))
     assert built == ["train", "train"]
     whole = trainer.training_split_test_view.whole()
-    probe = next(h for h in trainer.hooks if type(h).__name__ == "MemoryDriftProbe").probe
-    monitor = next(h for h in trainer.hooks if type(h).__name__ == "DriftProbe").monitor
+    probe = next(h for h in trainer.hooks if isinstance(h, MemoryDriftProbe)).probe
+    monitor = next(h for h in trainer.hooks if isinstance(h, DriftProbe)).monitor
     val_set, _ = trainer.evaluator.tasks["val"]
     assert probe.dataset.dataset is whole and monitor.dataset is whole and val_set.dataset is whole
+    # the refresh and the probe re-embed from one view of the training items
+    assert trainer.training_split_test_view.items_of(trainer.train_set) is probe.dataset
     assert probe.dataset.indices.tolist() == trainer.train_set.indices.tolist()

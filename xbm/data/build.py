@@ -20,6 +20,7 @@ class TrainingSplitTestView:
     def __init__(self, cfg):
         self.cfg = cfg
         self._whole = None
+        self._items = None  # (train_set, its view): the probe and the refresh ask for the same one
 
     def whole(self):
         """The whole training split, index for index as the training set is built before any split."""
@@ -31,12 +32,15 @@ class TrainingSplitTestView:
     def items_of(self, train_set):
         """The items of `train_set`, index for index (the validation split's removal included): what the
         memory probe and the refresh re-embed by the ids the loader yields."""
+        if self._items is not None and self._items[0] is train_set:
+            return self._items[1]
         view = self.whole()
         if isinstance(train_set, LabelledSubset):
             view = LabelledSubset(view, train_set.indices)
         if len(view) != len(train_set):
             raise ValueError(f"the test-time view of the training split has {len(view)} items, "
                              f"the training set {len(train_set)}: DATA.NAME's dataset is not deterministic")
+        self._items = (train_set, view)
         return view
 
 

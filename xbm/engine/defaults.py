@@ -265,9 +265,9 @@ def distributed_model(model: torch.nn.Module, device: torch.device, world_size: 
 def build_refresh_embedding(cfg, items_view, device):
     """XBM.REFRESH_PER_STEP's `embed(model, item_ids)`: the items of `items_view` (the training set's items
     through the test-time transform), embedded in eval mode (as the memory probe re-embeds them)."""
-    view, batch_size = items_view, cfg.TEST.BATCH_SIZE
+    batch_size = cfg.TEST.BATCH_SIZE
 
     def embed(model, item_ids):
-        return embed_training_items(model, view, item_ids, device, batch_size)
+        return embed_training_items(model, items_view, item_ids, device, batch_size)
 
     return embed
